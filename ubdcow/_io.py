@@ -1,0 +1,212 @@
+"""Low-level file helpers: safe opens, full positional I/O, holes, in-kernel copies."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+from .errors import ImageIOError, UbdCowError
+
+__all__ = [
+    "open_file",
+    "file_size",
+    "pread_into",
+    "pwrite_all",
+    "punch_hole",
+    "data_segments",
+    "copy_range",
+    "fsync_dir",
+    "same_file",
+]
+
+COPY_CHUNK = 1 << 30  # copy_file_range length per call
+BUFFER = 8 << 20  # buffered fallback chunk
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def open_file(
+    path: str | os.PathLike[str],
+    flags: int,
+    *,
+    what: str = "file",
+    error: type[UbdCowError] = ImageIOError,
+) -> tuple[int, os.stat_result]:
+    """Open a regular file or block device; refuse directories, FIFOs and devices.
+
+    Opens with O_NONBLOCK first so that a FIFO cannot hang the open.
+    """
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise error(path, f"cannot open {what}: too many levels of symbolic links") from None
+        raise error(path, f"cannot open {what}: {exc.strerror}", **_errno_kw(error, exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise error(path, f"{what} is {_kind(st.st_mode)}, not a regular file or block device")
+        if flags & os.O_NONBLOCK == 0:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _errno_kw(error: type[UbdCowError], exc: OSError) -> dict[str, int | None]:
+    return {"errno": exc.errno} if issubclass(error, ImageIOError) else {}
+
+
+def file_size(fd: int, st: os.stat_result | None = None) -> int:
+    """Size of a regular file, or of a block device (by seeking to its end)."""
+    st = st or os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill ``buf`` from ``offset`` with as few ``preadv`` calls as possible.
+
+    Returns the number of bytes read, smaller than ``len(buf)`` only at EOF.
+    """
+    want = len(buf)
+    done = 0
+    while done < want:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def pwrite_all(fd: int, buffers: list[memoryview | bytes], offset: int) -> int:
+    """Write all ``buffers`` contiguously at ``offset`` (``pwritev``, retrying short writes)."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    total = sum(len(v) for v in views)
+    done = 0
+    while views:
+        n = os.pwritev(fd, views, offset + done)
+        done += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+_libc: ctypes.CDLL | None = None
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a byte range (reads as zeros afterwards); False if unsupported here."""
+    global _libc
+    if length <= 0:
+        return True
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    rc = _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """Split ``[start, end)`` of a file into ``(start, end, is_data)`` by SEEK_DATA/SEEK_HOLE.
+
+    Ranges past EOF are holes. Where the filesystem cannot tell, everything
+    is data.
+    """
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after pos
+                yield pos, end, False
+                return
+            if exc.errno == errno.EINVAL:  # SEEK_DATA unsupported
+                yield pos, end, True
+                return
+            raise
+        if data > pos:
+            yield pos, min(data, end), False
+            pos = data
+            if pos >= end:
+                return
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        hole = min(hole, end)
+        yield pos, hole, True
+        pos = hole
+
+
+_copy_file_range_ok = hasattr(os, "copy_file_range")
+
+
+def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int, buf: bytearray | None = None) -> None:
+    """Copy ``length`` bytes between files: ``copy_file_range`` when the kernel can, else buffered.
+
+    A source that ends early raises ``EIO`` naming the offset: the caller
+    checked its size, so a short source means it changed under us.
+    """
+    global _copy_file_range_ok
+    end = src_off + length
+    while _copy_file_range_ok and src_off < end:
+        try:
+            n = os.copy_file_range(src, dst, min(end - src_off, COPY_CHUNK), src_off, dst_off)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                _copy_file_range_ok = exc.errno not in (errno.ENOSYS,)
+                break
+            raise
+        if n == 0:
+            raise OSError(errno.EIO, f"unexpected end of file at offset {src_off}")
+        src_off += n
+        dst_off += n
+    if src_off >= end:
+        return
+    view = memoryview(buf if buf is not None else bytearray(min(BUFFER, end - src_off)))
+    while src_off < end:
+        chunk = view[: min(len(view), end - src_off)]
+        n = pread_into(src, chunk, src_off)
+        if n < len(chunk):
+            raise OSError(errno.EIO, f"unexpected end of file at offset {src_off + n}")
+        pwrite_all(dst, [chunk], dst_off)
+        src_off += n
+        dst_off += n
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so a rename in it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """True when two stat results name the same inode."""
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

@@ -1,0 +1,239 @@
+"""The COW bitmap: runs, counts, tests and sets over windows, never the whole map.
+
+Sector *i* is bit ``1 << (i % 8)`` of byte ``i // 8`` (least significant bit
+first, numpy's ``bitorder="little"``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+
+from ._io import pread_into, pwrite_all
+
+__all__ = ["Bitmap", "iter_runs", "popcount"]
+
+#: Bytes of bitmap looked at per step of a scan (8 Mi sectors, 4 GiB of disk).
+WINDOW = 1 << 20
+#: Cached chunk size and count for small, random lookups.
+CHUNK = 1 << 16
+CACHE_CHUNKS = 64
+# Below this many bits, runs are found with Python integers (cheaper than numpy).
+_SMALL = 4096
+
+Run = tuple[int, int, bool]
+
+if hasattr(np, "bitwise_count"):
+
+    def _popcount_array(arr: np.ndarray) -> int:
+        return int(np.bitwise_count(arr).sum(dtype=np.int64))
+
+else:  # numpy < 2.0
+    _POP = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+    def _popcount_array(arr: np.ndarray) -> int:
+        return int(_POP[arr].sum(dtype=np.int64))
+
+
+def _masked(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: int) -> np.ndarray:
+    """The bytes holding bits [lo, hi) of ``buf`` (whose bit 0 is ``first_bit``), outside bits cleared."""
+    a = (lo - first_bit) // 8
+    b = (hi - first_bit + 7) // 8
+    arr = np.frombuffer(buf, dtype=np.uint8, count=b - a, offset=a).copy()
+    head = (lo - first_bit) % 8
+    if head:
+        arr[0] &= (0xFF << head) & 0xFF
+    tail = (hi - first_bit) % 8
+    if tail:
+        arr[-1] &= (1 << tail) - 1
+    return arr
+
+
+def popcount(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: int) -> int:
+    """Number of set bits in [lo, hi) of ``buf``, whose bit 0 is bit ``first_bit``."""
+    if hi <= lo:
+        return 0
+    return _popcount_array(_masked(buf, first_bit, lo, hi))
+
+
+def iter_runs(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: int) -> Iterator[Run]:
+    """Yield maximal runs ``(start, count, is_set)`` covering bits [lo, hi) of ``buf``.
+
+    ``buf``'s bit 0 is bit ``first_bit``; ``buf`` must cover [lo, hi).
+    """
+    n = hi - lo
+    if n <= 0:
+        return
+    if n <= _SMALL:
+        a = (lo - first_bit) // 8
+        b = (hi - first_bit + 7) // 8
+        x = int.from_bytes(buf[a:b], "little") >> ((lo - first_bit) % 8)
+        mask = (1 << n) - 1
+        x &= mask
+        if x == 0:
+            yield lo, n, False
+            return
+        if x == mask:
+            yield lo, n, True
+            return
+        pos = 0
+        while pos < n:
+            rest = x >> pos
+            is_set = rest & 1
+            if is_set:
+                rest = ~rest & (mask >> pos)
+            length = ((rest & -rest).bit_length() - 1) if rest else n - pos
+            yield lo + pos, length, bool(is_set)
+            pos += length
+        return
+    arr = _masked(buf, first_bit, lo, hi)
+    head = (lo - first_bit) % 8
+    bits = np.unpackbits(arr, bitorder="little")[head : head + n]
+    edges = np.flatnonzero(bits[1:] != bits[:-1]) + 1
+    starts = np.concatenate(([0], edges))
+    ends = np.concatenate((edges, [n]))
+    values = bits[starts]
+    for s, e, v in zip(starts.tolist(), ends.tolist(), values.tolist()):
+        yield lo + s, e - s, bool(v)
+
+
+class Bitmap:
+    """The bitmap of an open COW file, read and written a window at a time.
+
+    ``nbits`` is the number of bits that count (the kernel's honoured bits);
+    bits at or past it read as clear and cannot be set. Small lookups go
+    through a bounded cache of :data:`CHUNK`-byte pieces; scans read
+    :data:`WINDOW`-byte windows and do not cache them.
+    """
+
+    def __init__(self, fd: int, offset: int, nbytes: int, nbits: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.nbytes = nbytes
+        self.nbits = min(nbits, 8 * nbytes)
+        self._cache: OrderedDict[int, bytearray] = OrderedDict()
+
+    # -- reading -----------------------------------------------------------
+    def _read(self, start: int, end: int) -> bytearray:
+        """Bitmap bytes [start, end); bytes past the file's end read as zero."""
+        buf = bytearray(end - start)
+        pread_into(self.fd, memoryview(buf), self.offset + start)
+        return buf
+
+    def _chunk(self, index: int) -> bytearray:
+        chunk = self._cache.get(index)
+        if chunk is None:
+            start = index * CHUNK
+            chunk = self._read(start, min(start + CHUNK, self.nbytes))
+            self._cache[index] = chunk
+            if len(self._cache) > CACHE_CHUNKS:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(index)
+        return chunk
+
+    def _bytes(self, start: int, end: int) -> tuple[bytes | bytearray | memoryview, int]:
+        """Bytes [start, end) of the bitmap and the byte index they begin at (maybe earlier)."""
+        index = start // CHUNK
+        if (end - 1) // CHUNK == index:
+            return self._chunk(index), index * CHUNK
+        return self._read(start, end), start
+
+    def windows(self, lo: int, hi: int) -> Iterator[tuple[bytes | bytearray | memoryview, int, int, int]]:
+        """Yield ``(buf, first_bit, lo, hi)`` windows covering honoured bits [lo, hi)."""
+        hi = min(hi, self.nbits)
+        while lo < hi:
+            byte_lo = lo // 8
+            byte_hi = min(byte_lo + WINDOW, (hi + 7) // 8)
+            buf, base = self._bytes(byte_lo, byte_hi)
+            w_hi = min(hi, byte_hi * 8)
+            yield buf, base * 8, lo, w_hi
+            lo = w_hi
+
+    def runs(self, lo: int, hi: int) -> Iterator[Run]:
+        """Maximal runs ``(start, count, is_set)`` covering sectors [lo, hi), in order."""
+        pending: Run | None = None
+        for buf, first_bit, w_lo, w_hi in self.windows(lo, hi):
+            for run in iter_runs(buf, first_bit, w_lo, w_hi):
+                if pending is None:
+                    pending = run
+                elif pending[2] == run[2]:
+                    pending = (pending[0], pending[1] + run[1], pending[2])
+                else:
+                    yield pending
+                    pending = run
+        tail = max(lo, min(hi, self.nbits))
+        if tail < hi:  # past the honoured bits: always clear
+            if pending is not None and not pending[2]:
+                pending = (pending[0], pending[1] + hi - tail, False)
+            else:
+                if pending is not None:
+                    yield pending
+                pending = (tail, hi - tail, False)
+        if pending is not None:
+            yield pending
+
+    def count(self, lo: int = 0, hi: int | None = None) -> int:
+        """Number of set (honoured) bits in [lo, hi)."""
+        hi = self.nbits if hi is None else hi
+        return sum(popcount(buf, fb, a, b) for buf, fb, a, b in self.windows(lo, hi))
+
+    def test(self, sector: int) -> bool:
+        """Whether the bit of ``sector`` is set."""
+        if not 0 <= sector < self.nbits:
+            return False
+        buf, base = self._bytes(sector // 8, sector // 8 + 1)
+        return bool(buf[sector // 8 - base] >> (sector % 8) & 1)
+
+    def all_set(self, lo: int, hi: int) -> bool:
+        """Whether every bit in [lo, hi) is set."""
+        return all(is_set for _, _, is_set in self.runs(lo, hi))
+
+    # -- writing -----------------------------------------------------------
+    def set_range(self, lo: int, hi: int) -> None:
+        """Set bits [lo, hi) in the file, writing back only bytes that change.
+
+        Callers write the sectors' data first: a set bit must never point at
+        data that is not there yet.
+        """
+        if lo < 0 or hi > self.nbits:
+            raise ValueError(f"bits [{lo}, {hi}) outside the bitmap's {self.nbits}")
+        while lo < hi:
+            byte_lo = lo // 8
+            byte_hi = min(byte_lo + WINDOW, (hi + 7) // 8)
+            w_hi = min(hi, byte_hi * 8)
+            self._set_window(byte_lo, byte_hi, lo, w_hi)
+            lo = w_hi
+
+    def _set_window(self, byte_lo: int, byte_hi: int, lo: int, hi: int) -> None:
+        buf, base = self._bytes(byte_lo, byte_hi)
+        old = np.frombuffer(buf, dtype=np.uint8, count=byte_hi - byte_lo, offset=byte_lo - base)
+        mask = np.full(byte_hi - byte_lo, 0xFF, dtype=np.uint8)
+        mask[0] &= (0xFF << (lo % 8)) & 0xFF
+        if hi % 8:
+            mask[-1] &= (1 << (hi % 8)) - 1
+        new = old | mask
+        changed = np.flatnonzero(new != old)
+        if changed.size == 0:
+            return
+        first, last = int(changed[0]), int(changed[-1]) + 1
+        data = new[first:last].tobytes()
+        pwrite_all(self.fd, [data], self.offset + byte_lo + first)
+        self._patch(byte_lo + first, data)
+
+    def _patch(self, start: int, data: bytes) -> None:
+        """Update cached chunks overlapping bytes [start, start + len(data))."""
+        end = start + len(data)
+        for index in range(start // CHUNK, (end - 1) // CHUNK + 1):
+            chunk = self._cache.get(index)
+            if chunk is None:
+                continue
+            c0 = index * CHUNK
+            a, b = max(start, c0), min(end, c0 + len(chunk))
+            chunk[a - c0 : b - c0] = data[a - start : b - start]
+
+    def invalidate(self) -> None:
+        """Drop cached bitmap bytes (after the file was changed behind our back)."""
+        self._cache.clear()

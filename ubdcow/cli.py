@@ -1,0 +1,261 @@
+"""The command line: ``python -m ubdcow COMMAND ...`` (also installed as ``ubdcow``).
+
+Exit codes: 0 success; 1 error (bad input, refused operation, I/O error);
+2 usage error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Commands
+with their own codes (``check``, ``compare``) document them in their help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from . import __version__
+from .errors import UbdCowError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that cleanup code runs."""
+
+
+def human(n: int | None, exact: bool = False) -> str:
+    """``1.5 MiB``, or the exact number with ``exact``."""
+    if n is None:
+        return "-"
+    if exact or abs(n) < 1024:
+        return f"{n} B" if not exact else str(n)
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        value /= 1024
+        if abs(value) < 1024 or unit == "EiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _when(t: int | None) -> str:
+    if t is None:
+        return "-"
+    try:
+        stamp = _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return str(t)
+    return f"{t} ({stamp})"
+
+
+class Output:
+    """Where a command writes: results to stdout, notes to stderr, nothing with ``--quiet``."""
+
+    def __init__(self, args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
+        self.json = getattr(args, "json", False)
+        self.quiet = getattr(args, "quiet", False)
+        self.exact = getattr(args, "bytes", False)
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+
+    def size(self, n: int | None) -> str:
+        return human(n, self.exact)
+
+    def line(self, text: str = "") -> None:
+        if not self.quiet:
+            print(text, file=self.stdout)
+
+    def table(self, rows: Sequence[tuple[str, str]]) -> None:
+        width = max(len(k) for k, _ in rows) + 1
+        for key, value in rows:
+            self.line(f"{key + ':':<{width}} {value}")
+
+    def dump(self, obj: Any) -> None:
+        print(json.dumps(obj, indent=2), file=self.stdout)
+
+
+# -- commands ----------------------------------------------------------------
+def cmd_info(args: argparse.Namespace, out: Output) -> int:
+    from .inspect import info
+
+    facts = info(args.cow, backing=args.backing)
+    if out.json:
+        out.dump(facts)
+        return EXIT_OK
+    print_info(facts, out)
+    return EXIT_OK
+
+
+def print_info(facts: dict[str, Any], out: Output) -> None:
+    """The human form of :func:`ubdcow.info`'s facts."""
+    b = facts["backing"]
+    order = f", {facts['byteorder']}-endian" if facts["layout"] == "v1" else ""
+    if b["exists"] and b["problem"] is None:
+        status = f"found at {b['path']}; size and mtime match"
+    elif b["exists"]:
+        status = f"found at {b['path']}, but: {b['problem']}"
+    else:
+        status = f"PROBLEM: {b['problem']}"
+    share = 100.0 * facts["cow_bytes"] / facts["size"] if facts["size"] else 0.0
+    rows = [
+        ("file", facts["file"]),
+        ("format", f"{facts['layout']} (version {facts['version']}{order}), sector size {facts['sectorsize']}, "
+                   f"alignment {facts['alignment']}"),
+        ("virtual size", f"{out.size(facts['size'])} ({facts['size']} bytes, {facts['sectors']} sectors)"),
+        ("backing file", facts["backing_file"] or "(none recorded)"),
+        ("backing status", status),
+        ("recorded mtime", _when(facts["mtime"])),
+    ]
+    if b["exists"] and not b["mtime_matches"]:
+        rows.append(("backing mtime", _when(b["mtime"])))
+    if b["exists"] and not b["size_matches"]:
+        rows.append(("backing size", f"{b['size']} bytes (header records {facts['size']})"))
+    rows += [
+        ("written (COW)", f"{facts['cow_sectors']} sectors, {out.size(facts['cow_bytes'])} ({share:.1f}% of the disk)"),
+        ("bitmap", f"{facts['bitmap_len']} bytes at offset {facts['bitmap_offset']}; data area at offset "
+                   f"{facts['data_offset']}"),
+        ("file size", f"{out.size(facts['apparent_size'])} apparent, {out.size(facts['allocated_size'])} "
+                      "allocated on disk"),
+        ("in use", f"yes, locked by process {facts['locked_by']}" if facts["in_use"] else "no"),
+    ]
+    out.table(rows)
+    if b["hint"] and not out.quiet:
+        out.line(f"hint: {b['hint']}")
+
+
+def cmd_create(args: argparse.Namespace, out: Output) -> int:
+    from .create import create
+
+    header = create(args.cow, args.backing, overwrite=args.force)
+    if out.json:
+        from .inspect import info
+
+        out.dump(info(args.cow))
+    else:
+        out.line(f"created {args.cow}: {header.layout} COW file on {header.backing_file} "
+                 f"({out.size(header.size)} virtual)")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: Output) -> int:
+    from .demo import run_demo
+
+    return run_demo(out, keep=args.keep)
+
+
+# -- parser --------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, *, json_help: str = "print the result as JSON") -> None:
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--bytes", action="store_true", help="show sizes as exact byte counts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ubdcow",
+        description="Inspect, create and flatten User-Mode Linux copy-on-write (COW) block images.",
+        epilog="Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted. See docs/cli.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"ubdcow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("info", help="show a COW file's header, backing file status and sizes",
+                       description="Show a COW file's header, backing file status, and apparent vs allocated size.")
+    p.add_argument("cow", metavar="COW", help="the COW file")
+    p.add_argument("--backing", metavar="PATH", help="use this backing file instead of the recorded one")
+    _common(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("create", help="create an empty COW file on a backing file (like uml_mkcow)",
+                       description="Create a v3 COW file on BACKING, as uml_mkcow does. The backing file is "
+                                   "only read.")
+    p.add_argument("cow", metavar="COW", help="the COW file to create")
+    p.add_argument("backing", metavar="BACKING", help="the backing file (recorded by absolute path)")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="replace an existing COW file with a new, empty one (its old content is lost)")
+    _common(p)
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("demo", help="a guided tour in a temporary folder",
+                       description="Build a small backing image and a COW file in a temporary folder and show "
+                                   "what ubdcow does with them.")
+    p.add_argument("--keep", metavar="DIR", help="leave the files in DIR instead of a temporary folder")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Output(args)
+    func: Callable[[argparse.Namespace, Output], int] = args.func
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        return func(args, out)
+    except UbdCowError as exc:
+        return report(exc, out, getattr(args, "error_code", EXIT_ERROR))
+    except KeyboardInterrupt:
+        print("ubdcow: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("ubdcow: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_ERROR
+    except OSError as exc:  # an error the library did not expect to wrap
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ubdcow: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def report(exc: UbdCowError, out: Output, code: int = EXIT_ERROR) -> int:
+    """Print an error as one line (plus a hint line) on stderr; return ``code``."""
+    print(f"ubdcow: {exc}", file=out.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=out.stderr)
+    return code
+
+
+def _silence_stdout() -> None:
+    # The reader went away: keep the interpreter from complaining at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def run() -> None:
+    """Console-script entry point."""
+    if os.environ.get("UBDCOW_DEBUG"):
+        sys.exit(main())
+    try:
+        code = main()
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug: one line, not a traceback (UBDCOW_DEBUG=1 shows it)
+        print(f"ubdcow: internal error: {type(exc).__name__}: {exc} (set UBDCOW_DEBUG=1 for details)",
+              file=sys.stderr)
+        code = 70
+    sys.exit(code)

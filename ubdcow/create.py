@@ -1,0 +1,83 @@
+"""Create a COW file on a backing file, as uml_mkcow and the kernel do."""
+
+from __future__ import annotations
+
+import os
+
+from . import lock as _lock
+from ._atomic import AtomicFile, check_output_path
+from ._io import file_size, open_file, pwrite_all
+from .errors import BackingFileError, ImageIOError, ImageLockedError, UbdCowError
+from .format import SECTOR_SIZE, CowHeader, Layout, make_header
+
+__all__ = ["create", "absolute_backing_path"]
+
+
+def absolute_backing_path(path: str | os.PathLike[str]) -> str:
+    """The path uml_mkcow records: the folder resolved physically, the file name kept (a link stays a link)."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    return os.path.join(os.path.realpath(folder or "."), name)
+
+
+def _refuse_if_in_use(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        busy, pid = _lock.holder(fd, exclusive=True)
+    finally:
+        os.close(fd)
+    if busy:
+        raise ImageLockedError(path, f"COW file is in use by {_lock.describe_holder(pid)}; refusing to replace it",
+                               pid=pid)
+
+
+def create(
+    cow_path: str | os.PathLike[str],
+    backing_path: str | os.PathLike[str],
+    *,
+    sectorsize: int = SECTOR_SIZE,
+    alignment: int = 4096,
+    overwrite: bool = False,
+    layout: Layout = "v3",
+) -> CowHeader:
+    """Create ``cow_path`` on ``backing_path`` and return its header.
+
+    Like uml_mkcow: a v3 header with the backing file's absolute path, size
+    and whole-second mtime, an all-zero bitmap and a sparse data area. The
+    backing file is only opened read-only. An existing ``cow_path`` is an
+    error unless ``overwrite``, which replaces it with a new file (never the
+    backing file, and never a file a running guest holds).
+    """
+    cow_path = os.fspath(cow_path)
+    if not (512 <= sectorsize <= 65536 and sectorsize & (sectorsize - 1) == 0):
+        raise ValueError(f"sectorsize must be a power of two from 512 to 65536, not {sectorsize}")
+    if not (0 < alignment < 2**32 and alignment & (alignment - 1) == 0):
+        raise ValueError(f"alignment must be a power of two, not {alignment}")
+    bfd, bst = open_file(backing_path, os.O_RDONLY, what="backing file", error=BackingFileError)
+    try:
+        size = file_size(bfd, bst)
+    finally:
+        os.close(bfd)
+    if size == 0:
+        raise BackingFileError(backing_path, "backing file is empty: a COW file needs a disk of at least one byte")
+    recorded = absolute_backing_path(backing_path)
+    try:
+        header = make_header(layout, recorded, int(bst.st_mtime) & 0xFFFFFFFF, size, sectorsize=sectorsize,
+                             alignment=alignment)
+    except (ValueError, UbdCowError) as exc:
+        raise BackingFileError(backing_path, f"cannot record this backing file: {exc}") from None
+    check_output_path(cow_path, overwrite=overwrite, inputs={"backing file": bst},
+                      hint="use --force (overwrite=True) to replace it with a new, empty COW file")
+    if overwrite and os.path.exists(cow_path):
+        _refuse_if_in_use(cow_path)
+    with AtomicFile(cow_path, overwrite=overwrite) as out:
+        try:
+            pwrite_all(out.fd, [header.to_bytes()], 0)
+            os.ftruncate(out.fd, header.file_size)
+        except OSError as exc:
+            raise ImageIOError(cow_path, f"cannot write: {exc.strerror}", errno=exc.errno) from None
+        out.commit()
+    return header

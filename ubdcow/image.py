@@ -1,0 +1,480 @@
+"""The virtual disk of a COW file as a file object, with the ubd driver's semantics.
+
+Reads split at bitmap run boundaries: set bits read the COW data area, clear
+bits read the backing file. Writes fill partial sectors from the current
+content, write the data, and only then set the bits. The backing file is
+only ever opened ``O_RDONLY``.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import threading
+from collections.abc import Iterator
+from typing import Literal, NamedTuple
+
+from . import lock as _lock
+from ._io import data_segments, file_size, open_file, pread_into, punch_hole, pwrite_all, same_file
+from .bitmap import Bitmap
+from .errors import (
+    BackingFileError,
+    BackingMismatchError,
+    CorruptImageError,
+    ImageIOError,
+    ImageRangeError,
+    UnrecordableWriteError,
+)
+from .format import SECTOR_SIZE, CowHeader, read_header_from
+
+__all__ = ["CowImage", "Extent", "open", "open_backing", "check_backing_file", "mismatch_message"]
+
+Source = Literal["cow", "backing", "zero"]
+_SHIFT = 9  # log2(SECTOR_SIZE)
+_ZERO_CHUNK = 8 << 20
+
+
+class Extent(NamedTuple):
+    """A run of the virtual disk with one source.
+
+    ``offset`` is where the bytes live: in the COW file for "cow" and "zero",
+    in the backing file for "backing".
+    """
+
+    start: int
+    length: int
+    source: Source
+    offset: int
+
+
+def mismatch_message(header: CowHeader, size: int, mtime: int) -> str | None:
+    """The kernel's complaint about a backing file of this size and mtime, or None if it fits."""
+    if size != header.size:
+        return f"Size mismatch ({header.size} vs {size}) of COW header vs backing file"
+    if mtime != header.mtime:
+        return f"mtime mismatch ({header.mtime} vs {mtime}) of COW header vs backing file"
+    return None
+
+
+def _mismatch_hint(cow: str, backing: str, header: CowHeader, size: int) -> str:
+    if size != header.size:
+        return (f"the backing file is {size} bytes but the COW file was made on one of {header.size}: "
+                "this is not the file the COW file was made on")
+    return ("the backing file was modified, copied or touched after the COW file was made, and UML will refuse "
+            "to boot it; if its content is unchanged, record its new mtime with: "
+            f"ubdcow rebase --unsafe {cow} --backing {backing}")
+
+
+def check_backing_file(header: CowHeader, cow_path: str, backing_path: str, st: os.stat_result, size: int) -> None:
+    """Raise :class:`BackingMismatchError` unless size and whole-second mtime match the header."""
+    message = mismatch_message(header, size, int(st.st_mtime))
+    if message is not None:
+        raise BackingMismatchError(
+            cow_path, f"{message} {backing_path}", hint=_mismatch_hint(cow_path, backing_path, header, size)
+        )
+
+
+def backing_candidates(header: CowHeader, cow_path: str | os.PathLike[str]) -> list[str]:
+    """Where the recorded backing path is looked for: as is, or (if relative) from the cwd then the COW's folder."""
+    recorded = header.backing_file
+    if not recorded or os.path.isabs(recorded):
+        return [recorded]
+    here = os.path.abspath(recorded)
+    beside = os.path.join(os.path.dirname(os.path.abspath(cow_path)), recorded)
+    return [here] if here == beside else [here, beside]
+
+
+def open_backing(
+    header: CowHeader,
+    cow_path: str,
+    cow_stat: os.stat_result,
+    backing: str | os.PathLike[str] | None = None,
+) -> tuple[int, str, os.stat_result, int]:
+    """Open the backing file read-only: ``(fd, path, stat, size)``.
+
+    ``backing`` overrides the recorded path. Raises :class:`BackingFileError`
+    when it is missing, unusable or the COW file itself.
+    """
+    if backing is not None:
+        candidates = [os.fspath(backing)]
+    elif not header.backing_file:
+        raise BackingFileError(cow_path, "no backing file is recorded in the header", hint="name one with --backing PATH")
+    else:
+        candidates = backing_candidates(header, cow_path)
+    for path in candidates:
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            continue  # missing, or a dangling link: try the next place
+        except OSError as exc:
+            raise BackingFileError(path, f"cannot open backing file: {exc.strerror}") from None
+        fd, st = open_file(path, os.O_RDONLY, what="backing file", error=BackingFileError)
+        if same_file(st, cow_stat):
+            os.close(fd)
+            raise BackingFileError(cow_path, f"the backing file {path} is the COW file itself")
+        try:
+            size = file_size(fd, st)
+        except OSError as exc:
+            os.close(fd)
+            raise BackingFileError(path, f"cannot read backing file size: {exc.strerror}") from None
+        return fd, path, st, size
+    if backing is not None:
+        raise BackingFileError(candidates[0], "backing file not found")
+    tried = ", ".join(candidates)
+    message = f"backing file {header.backing_file} not found"
+    if candidates != [header.backing_file]:
+        message += f" (tried {tried})"
+    raise BackingFileError(cow_path, message, hint="if it moved, name it with --backing PATH")
+
+
+class CowImage(io.RawIOBase):
+    """The virtual disk of a COW file: a seekable, readable (and in "r+" writable) raw file.
+
+    Create it with :func:`ubdcow.open`. Positional calls (:meth:`pread`,
+    :meth:`pwrite`, :meth:`discard`, :meth:`write_zeroes`) leave the position alone.
+    """
+
+    header: CowHeader
+    size: int
+    name: str
+    mode: str
+    backing_name: str
+
+    def __init__(self, cow_path: str | os.PathLike[str], mode: str = "r", *,
+                 backing: str | os.PathLike[str] | None = None, check_backing: bool = True, lock: bool = True) -> None:
+        super().__init__()
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        self.name = os.fspath(cow_path)
+        self.mode = mode
+        self._fd = -1
+        self._bfd = -1
+        self._pos = 0
+        self._dirty = False
+        self._mutex = threading.Lock()
+        writable = mode == "r+"
+        try:
+            self._open(writable, backing, check_backing, lock)
+        except BaseException:
+            self._close_fds()
+            raise
+
+    def _open(self, writable: bool, backing: str | os.PathLike[str] | None, check_backing: bool, lock: bool) -> None:
+        self._fd, st = open_file(self.name, os.O_RDWR if writable else os.O_RDONLY, what="COW file")
+        if lock:
+            _lock.lock(self._fd, self.name, exclusive=writable)
+        header = read_header_from(self._fd, self.name)
+        header.require_io_support(self.name)
+        st = os.fstat(self._fd)
+        length = file_size(self._fd, st)
+        if length < header.data_offset:
+            raise CorruptImageError(
+                self.name,
+                f"file is {length} bytes, shorter than its data offset {header.data_offset}: truncated",
+            )
+        self.header = header
+        self.size = header.size
+        self._data_offset = header.data_offset
+        self._bitmap = Bitmap(self._fd, header.bitmap_offset, header.bitmap_len, header.mapped_sectors)
+        self._bfd, self.backing_name, bst, self._backing_size = open_backing(header, self.name, st, backing)
+        if check_backing:
+            check_backing_file(header, self.name, self.backing_name, bst, self._backing_size)
+        if lock and writable:
+            _lock.lock(self._bfd, self.backing_name, exclusive=False, what="backing file")
+
+    # -- io.RawIOBase ------------------------------------------------------
+    def readable(self) -> bool:
+        self._checkClosed()
+        return True
+
+    def writable(self) -> bool:
+        self._checkClosed()
+        return self.mode == "r+"
+
+    def seekable(self) -> bool:
+        self._checkClosed()
+        return True
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise ValueError(f"invalid whence ({whence})")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        self._checkClosed()
+        n = self._readinto_at(memoryview(buffer).cast("B"), self._pos)
+        self._pos += n
+        return n
+
+    def readall(self) -> bytes:
+        pos = self.tell()
+        data = self.pread(max(0, self.size - pos), pos)
+        self._pos = pos + len(data)
+        return data
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        self._check_writable()
+        n = self.pwrite(data, self._pos)
+        self._pos += n
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        raise io.UnsupportedOperation("the virtual disk of a COW file has a fixed size")
+
+    def flush(self) -> None:
+        """fsync the COW file if anything was written since the last flush."""
+        super().flush()
+        if self._dirty:
+            with self._mutex:
+                os.fsync(self._fd)
+                self._dirty = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._fd >= 0:
+                self.flush()
+        finally:
+            self._close_fds()
+            super().close()
+
+    def _close_fds(self) -> None:
+        for attr in ("_fd", "_bfd"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                os.close(fd)  # closing the description drops its OFD lock
+                setattr(self, attr, -1)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"size={getattr(self, 'size', '?')}"
+        return f"<CowImage {self.name!r} mode={self.mode!r} {state}>"
+
+    # -- positional I/O ----------------------------------------------------
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read up to ``length`` bytes at ``offset`` (short at the end of the disk)."""
+        self._checkClosed()
+        if length < 0 or offset < 0:
+            raise ValueError("length and offset must be >= 0")
+        buf = bytearray(max(0, min(length, self.size - offset)))
+        n = self._readinto_at(memoryview(buf), offset)
+        del buf[n:]
+        return bytes(buf)
+
+    def preadinto(self, buffer: memoryview | bytearray, offset: int) -> int:
+        """Fill ``buffer`` from ``offset``; returns the bytes read (short at the end of the disk)."""
+        self._checkClosed()
+        return self._readinto_at(memoryview(buffer).cast("B"), offset)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        """Write ``data`` at ``offset``; the whole range must lie inside the disk."""
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self._check_range(offset, n)
+        if n:
+            with self._mutex:
+                self._write(view, offset)
+        return n
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros: set the bits and punch holes, as the kernel does."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        end = offset + length
+        first = -(-offset // SECTOR_SIZE)
+        # A range reaching the end of the disk covers the partial last sector.
+        last = self.header.sectors if end == self.size else end // SECTOR_SIZE
+        with self._mutex:
+            if first >= last:
+                self._write(memoryview(bytes(length)), offset)
+                return
+            if offset < first * SECTOR_SIZE:
+                self._write(memoryview(bytes(first * SECTOR_SIZE - offset)), offset)
+            tail = last * SECTOR_SIZE
+            if tail < end:
+                self._write(memoryview(bytes(end - tail)), tail)
+            self._zero_sectors(first, last)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard a range: with the ubd driver it reads as zeros afterwards (same as :meth:`write_zeroes`)."""
+        self.write_zeroes(offset, length)
+
+    # -- maps ----------------------------------------------------------------
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, str]]:
+        """Coalesced runs ``(start, length, source)`` of [offset, offset+length), source "cow" or "backing"."""
+        self._checkClosed()
+        end = self.size if length is None else min(self.size, offset + length)
+        if offset >= end:
+            return
+        first, last = offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT
+        for sector, count, is_set in self._bitmap.runs(first, last):
+            a = max(offset, sector << _SHIFT)
+            b = min(end, (sector + count) << _SHIFT)
+            yield a, b - a, "cow" if is_set else "backing"
+
+    def mapping(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Like :meth:`extents`, but cow runs over holes in the data area are split off as "zero"."""
+        for start, n, source in self.extents(offset, length):
+            if source == "backing":
+                yield Extent(start, n, "backing", start)
+                continue
+            base = self._data_offset
+            for a, b, is_data in data_segments(self._fd, base + start, base + start + n):
+                yield Extent(a - base, b - a, "cow" if is_data else "zero", a)
+
+    def count_cow_sectors(self) -> int:
+        """Sectors whose bit is set (and honoured)."""
+        self._checkClosed()
+        return self._bitmap.count()
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        """``(cow_fd, backing_fd)``, for tools that copy ranges themselves (merge)."""
+        self._checkClosed()
+        return self._fd, self._bfd
+
+    @property
+    def backing_size(self) -> int:
+        """The backing file's size when it was opened."""
+        return self._backing_size
+
+    # -- internals -----------------------------------------------------------
+    def _check_writable(self) -> None:
+        self._checkClosed()
+        if self.mode != "r+":
+            raise io.UnsupportedOperation(f"{self.name}: opened read-only (use mode 'r+' to write)")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be >= 0")
+        if offset + length > self.size:
+            raise ImageRangeError(
+                self.name, f"write of {length} bytes at offset {offset} ends past the end of the disk ({self.size} bytes)"
+            )
+        last = (offset + length + SECTOR_SIZE - 1) >> _SHIFT
+        if length and last > self._bitmap.nbits:
+            first = max(offset >> _SHIFT, self._bitmap.nbits)
+            raise UnrecordableWriteError(
+                self.name,
+                f"sectors {first}-{last - 1} have no bit in this {self.header.layout} bitmap (the v1/v2 rounding "
+                "bug): the kernel would read them back from the backing file, so the write is refused",
+                hint=f"convert the file to v3 first: ubdcow convert {self.name} -o NEW.cow",
+            )
+
+    def _readinto_at(self, view: memoryview, offset: int) -> int:
+        n = min(len(view), self.size - offset)
+        if n <= 0:
+            return 0
+        end = offset + n
+        with self._mutex:
+            pos = offset
+            for sector, count, is_set in self._bitmap.runs(offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT):
+                stop = min(end, (sector + count) << _SHIFT)
+                chunk = view[pos - offset : stop - offset]
+                if is_set:
+                    self._read_cow(chunk, pos)
+                else:
+                    self._read_backing(chunk, pos)
+                pos = stop
+        return n
+
+    def _read_cow(self, chunk: memoryview, pos: int) -> None:
+        try:
+            got = pread_into(self._fd, chunk, self._data_offset + pos)
+        except OSError as exc:
+            raise ImageIOError(self.name, f"read error at data offset {self._data_offset + pos}: {exc.strerror}",
+                               errno=exc.errno) from None
+        if got < len(chunk):  # a set bit past the end of the file reads as zeros, as in the kernel
+            chunk[got:] = bytes(len(chunk) - got)
+
+    def _read_backing(self, chunk: memoryview, pos: int) -> None:
+        try:
+            got = pread_into(self._bfd, chunk, pos)
+        except OSError as exc:
+            raise ImageIOError(self.backing_name, f"read error at offset {pos}: {exc.strerror}",
+                               errno=exc.errno) from None
+        if got < len(chunk):
+            if pos + got < self._backing_size:
+                raise ImageIOError(
+                    self.backing_name,
+                    f"backing file ended at offset {pos + got}, but it was {self._backing_size} bytes when opened: "
+                    "it changed while in use",
+                    errno=errno.EIO,
+                )
+            chunk[got:] = bytes(len(chunk) - got)  # a backing smaller than the disk (check_backing=False)
+
+    def _write(self, view: memoryview, offset: int) -> None:
+        """Sector-granular write: fill partial sectors, write the data, then the bits (caller holds the mutex)."""
+        n = len(view)
+        first = offset >> _SHIFT
+        last = (offset + n + SECTOR_SIZE - 1) >> _SHIFT
+        start = first << _SHIFT
+        parts: list[memoryview | bytes] = []
+        if start < offset:
+            parts.append(self._current(start, offset - start))
+        parts.append(view)
+        end = offset + n
+        stop = min(last << _SHIFT, self.size)
+        if end < stop:
+            parts.append(self._current(end, stop - end))
+        try:
+            pwrite_all(self._fd, parts, self._data_offset + start)
+            self._dirty = True
+            self._bitmap.set_range(first, last)
+        except OSError as exc:
+            raise ImageIOError(self.name, f"write error at offset {offset}: {exc.strerror}", errno=exc.errno) from None
+
+    def _current(self, offset: int, length: int) -> bytes:
+        """Current content of a few bytes inside one sector (caller holds the mutex)."""
+        buf = memoryview(bytearray(length))
+        if self._bitmap.test(offset >> _SHIFT):
+            self._read_cow(buf, offset)
+        else:
+            self._read_backing(buf, offset)
+        return bytes(buf)
+
+    def _zero_sectors(self, first: int, last: int) -> None:
+        """Zero whole sectors [first, last): punch the data area (or write zeros), then set the bits."""
+        start = self._data_offset + (first << _SHIFT)
+        length = (last - first) << _SHIFT
+        try:
+            if not punch_hole(self._fd, start, length):
+                zeros = bytes(min(_ZERO_CHUNK, length))
+                for pos in range(0, length, len(zeros)):
+                    pwrite_all(self._fd, [zeros[: min(len(zeros), length - pos)]], start + pos)
+            self._dirty = True
+            self._bitmap.set_range(first, last)
+        except OSError as exc:
+            raise ImageIOError(self.name, f"cannot zero sectors {first}-{last - 1}: {exc.strerror}",
+                               errno=exc.errno) from None
+
+
+def open(cow_path: str | os.PathLike[str], mode: str = "r", *, backing: str | os.PathLike[str] | None = None,
+         check_backing: bool = True, lock: bool = True) -> CowImage:
+    """Open the virtual disk of a COW file.
+
+    ``mode`` is "r" or "r+". ``backing`` overrides the recorded backing path;
+    ``check_backing=False`` skips the kernel's size and mtime checks;
+    ``lock=False`` skips the fcntl locks that keep a running guest out
+    (dangerous: only when you know nothing else uses the file).
+    """
+    return CowImage(cow_path, mode, backing=backing, check_backing=check_backing, lock=lock)
+

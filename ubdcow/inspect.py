@@ -1,0 +1,99 @@
+"""Read-only facts about a COW file: ``info`` (header, backing status, sizes)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import lock as _lock
+from ._io import file_size, open_file
+from .bitmap import Bitmap
+from .errors import BackingFileError
+from .format import CowHeader, read_header_from
+from .image import mismatch_message, open_backing
+
+__all__ = ["info", "backing_status", "cow_bytes"]
+
+
+def cow_bytes(header: CowHeader, cow_sectors: int, last_set: bool) -> int:
+    """Bytes of the virtual disk read from the COW file (a set partial last sector counts its defined part)."""
+    total = cow_sectors * header.sectorsize
+    if last_set:
+        total -= header.sectors * header.sectorsize - header.size
+    return min(total, header.size)
+
+
+def backing_status(header: CowHeader, cow_path: str, cow_stat: os.stat_result,
+                   backing: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Where the backing file is and whether UML would accept it (never raises for a bad backing)."""
+    status: dict[str, Any] = {
+        "path": os.fspath(backing) if backing is not None else header.backing_file,
+        "exists": False,
+        "size": None,
+        "mtime": None,
+        "size_matches": False,
+        "mtime_matches": False,
+        "problem": None,
+        "hint": None,
+    }
+    try:
+        fd, path, st, size = open_backing(header, cow_path, cow_stat, backing)
+    except BackingFileError as exc:
+        status["problem"] = exc.message if exc.filename == cow_path else str(exc)
+        status["hint"] = exc.hint
+        return status
+    os.close(fd)
+    mtime = int(st.st_mtime)
+    status.update(path=path, exists=True, size=size, mtime=mtime,
+                  size_matches=size == header.size, mtime_matches=mtime == header.mtime)
+    message = mismatch_message(header, size, mtime)
+    if message is not None:
+        status["problem"] = f"{message}: UML will refuse to open this COW file"
+        if size != header.size:
+            status["hint"] = "this is not the backing file the COW file was made on"
+        else:
+            status["hint"] = (f"if the backing file's content is unchanged: ubdcow rebase --unsafe {cow_path} "
+                              f"--backing {path}")
+    return status
+
+
+def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Header, geometry, backing status and sizes of a COW file, as a JSON-ready dict.
+
+    Raises for a file that is not a valid COW file; a missing or mismatched
+    backing file is reported in ``backing``, not raised.
+    """
+    cow_path = os.fspath(cow_path)
+    fd, st = open_file(cow_path, os.O_RDONLY, what="COW file")
+    try:
+        header = read_header_from(fd, cow_path)
+        bitmap = Bitmap(fd, header.bitmap_offset, header.bitmap_len, header.mapped_sectors)
+        cow_sectors = bitmap.count()
+        last_set = bitmap.test(header.sectors - 1)
+        busy, pid = _lock.holder(fd, exclusive=False)
+        apparent = file_size(fd, st)
+    finally:
+        os.close(fd)
+    return {
+        "file": cow_path,
+        "version": header.version,
+        "layout": header.layout,
+        "byteorder": header.byteorder,
+        "backing_file": header.backing_file,
+        "backing": backing_status(header, cow_path, st, backing),
+        "mtime": header.mtime,
+        "size": header.size,
+        "sectorsize": header.sectorsize,
+        "alignment": header.alignment,
+        "cow_format": header.cow_format,
+        "bitmap_offset": header.bitmap_offset,
+        "bitmap_len": header.bitmap_len,
+        "data_offset": header.data_offset,
+        "sectors": header.sectors,
+        "cow_sectors": cow_sectors,
+        "cow_bytes": cow_bytes(header, cow_sectors, last_set),
+        "apparent_size": apparent,
+        "allocated_size": st.st_blocks * 512,
+        "in_use": busy,
+        "locked_by": pid if busy else None,
+    }

@@ -1,0 +1,97 @@
+"""Whole-file fcntl locks that interoperate with a running UML guest.
+
+The kernel's ubd driver holds a POSIX write lock on the COW file and a read
+lock on the backing file. ubdcow uses open-file-description locks
+(F_OFD_SETLK): they conflict with the kernel's POSIX locks, and closing
+another descriptor of the same file does not drop them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+from .errors import ImageLockedError
+
+__all__ = ["lock", "holder", "describe_holder"]
+
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
+# struct flock on Linux LP64: short l_type, short l_whence, off_t l_start,
+# off_t l_len, pid_t l_pid (+ padding to 32 bytes).
+_FLOCK = struct.Struct("@hhqqi4x")
+
+
+def _flock(kind: int) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0)
+
+
+def _proc_locks_pid(fd: int) -> int | None:
+    """The pid /proc/locks gives for a lock on ``fd``'s inode (OFD locks report no pid to F_GETLK)."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if "->" in parts:  # a blocked waiter, not a holder
+                    continue
+                if len(parts) >= 6 and parts[5] == key and parts[4].lstrip("-").isdigit():
+                    pid = int(parts[4])
+                    if pid > 0 and pid != os.getpid():
+                        return pid
+    except OSError:
+        return None
+    return None
+
+
+def holder(fd: int, exclusive: bool = True) -> tuple[bool, int | None]:
+    """Whether a lock of another open file would block ours, and the holder's pid if known."""
+    kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    cmds = [c for c in (_F_OFD_GETLK, fcntl.F_GETLK) if c is not None]
+    for cmd in cmds:
+        try:
+            res = fcntl.fcntl(fd, cmd, _flock(kind))
+        except OSError:
+            continue
+        l_type, _, _, _, l_pid = _FLOCK.unpack(res)
+        if l_type == fcntl.F_UNLCK:
+            return False, None
+        pid = l_pid if l_pid > 0 else _proc_locks_pid(fd)
+        return True, pid
+    return False, None
+
+
+def describe_holder(pid: int | None) -> str:
+    """``process 123 (linux.uml)``, or a vague phrase when the pid is unknown."""
+    if pid is None:
+        return "another process"
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            comm = f.read().strip()
+    except OSError:
+        return f"process {pid}"
+    return f"process {pid} ({comm})"
+
+
+def lock(fd: int, filename: str | os.PathLike[str], *, exclusive: bool, what: str = "COW file") -> None:
+    """Take a non-blocking whole-file lock or raise :class:`ImageLockedError` naming the holder."""
+    kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    cmd = _F_OFD_SETLK if _F_OFD_SETLK is not None else fcntl.F_SETLK
+    try:
+        fcntl.fcntl(fd, cmd, _flock(kind))
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+    _, pid = holder(fd, exclusive)
+    mode = "writing" if exclusive else "reading"
+    raise ImageLockedError(
+        filename,
+        f"{what} is locked by {describe_holder(pid)}; cannot open it for {mode}",
+        hint="a running UML guest (or another ubdcow) is using it: shut it down first, "
+        "or pass --no-lock / lock=False if you are sure nothing writes it",
+        pid=pid,
+    )
