@@ -90,19 +90,20 @@ class AtomicFile:
         self.directory = directory
         _cleanup_stale(directory, base)
         try:
-            self.fd, self.tmp_path = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=TMP_SUFFIX,
-                                                      dir=directory)
+            self.fd, self.tmp_path = tempfile.mkstemp(
+                prefix=f".{base}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=directory
+            )
         except OSError as exc:
-            raise ImageIOError(path, f"cannot create a file in {directory}: {exc.strerror}",
-                               errno=exc.errno) from None
+            raise ImageIOError(path, f"cannot create a file in {directory}: {exc.strerror}", errno=exc.errno) from None
         self.committed = False
         self._removed = False
 
     def __enter__(self) -> AtomicFile:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.abort()
 
     def commit(self) -> None:

@@ -55,7 +55,10 @@ def open_file(
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise error(path, f"cannot open {what}: too many levels of symbolic links") from None
-        raise error(path, f"cannot open {what}: {exc.strerror}", **_errno_kw(error, exc)) from None
+        err = error(path, f"cannot open {what}: {exc.strerror}")
+        if isinstance(err, ImageIOError):
+            err.errno = exc.errno
+        raise err from None
     try:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -66,10 +69,6 @@ def open_file(
         os.close(fd)
         raise
     return fd, st
-
-
-def _errno_kw(error: type[UbdCowError], exc: OSError) -> dict[str, int | None]:
-    return {"errno": exc.errno} if issubclass(error, ImageIOError) else {}
 
 
 def file_size(fd: int, st: os.stat_result | None = None) -> int:

@@ -41,7 +41,7 @@ def _masked(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: in
     """The bytes holding bits [lo, hi) of ``buf`` (whose bit 0 is ``first_bit``), outside bits cleared."""
     a = (lo - first_bit) // 8
     b = (hi - first_bit + 7) // 8
-    arr = np.frombuffer(buf, dtype=np.uint8, count=b - a, offset=a).copy()
+    arr: np.ndarray = np.frombuffer(buf, dtype=np.uint8, count=b - a, offset=a).copy()
     head = (lo - first_bit) % 8
     if head:
         arr[0] &= (0xFF << head) & 0xFF
@@ -95,7 +95,7 @@ def iter_runs(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: 
     starts = np.concatenate(([0], edges))
     ends = np.concatenate((edges, [n]))
     values = bits[starts]
-    for s, e, v in zip(starts.tolist(), ends.tolist(), values.tolist()):
+    for s, e, v in zip(starts.tolist(), ends.tolist(), values.tolist(), strict=True):
         yield lo + s, e - s, bool(v)
 
 

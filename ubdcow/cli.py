@@ -105,8 +105,11 @@ def print_info(facts: dict[str, Any], out: Output) -> None:
     share = 100.0 * facts["cow_bytes"] / facts["size"] if facts["size"] else 0.0
     rows = [
         ("file", facts["file"]),
-        ("format", f"{facts['layout']} (version {facts['version']}{order}), sector size {facts['sectorsize']}, "
-                   f"alignment {facts['alignment']}"),
+        (
+            "format",
+            f"{facts['layout']} (version {facts['version']}{order}), sector size {facts['sectorsize']}, "
+            f"alignment {facts['alignment']}",
+        ),
         ("virtual size", f"{out.size(facts['size'])} ({facts['size']} bytes, {facts['sectors']} sectors)"),
         ("backing file", facts["backing_file"] or "(none recorded)"),
         ("backing status", status),
@@ -118,10 +121,15 @@ def print_info(facts: dict[str, Any], out: Output) -> None:
         rows.append(("backing size", f"{b['size']} bytes (header records {facts['size']})"))
     rows += [
         ("written (COW)", f"{facts['cow_sectors']} sectors, {out.size(facts['cow_bytes'])} ({share:.1f}% of the disk)"),
-        ("bitmap", f"{facts['bitmap_len']} bytes at offset {facts['bitmap_offset']}; data area at offset "
-                   f"{facts['data_offset']}"),
-        ("file size", f"{out.size(facts['apparent_size'])} apparent, {out.size(facts['allocated_size'])} "
-                      "allocated on disk"),
+        (
+            "bitmap",
+            f"{facts['bitmap_len']} bytes at offset {facts['bitmap_offset']}; data area at offset "
+            f"{facts['data_offset']}",
+        ),
+        (
+            "file size",
+            f"{out.size(facts['apparent_size'])} apparent, {out.size(facts['allocated_size'])} allocated on disk",
+        ),
         ("in use", f"yes, locked by process {facts['locked_by']}" if facts["in_use"] else "no"),
     ]
     out.table(rows)
@@ -138,8 +146,9 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
 
         out.dump(info(args.cow))
     else:
-        out.line(f"created {args.cow}: {header.layout} COW file on {header.backing_file} "
-                 f"({out.size(header.size)} virtual)")
+        out.line(
+            f"created {args.cow}: {header.layout} COW file on {header.backing_file} ({out.size(header.size)} virtual)"
+        )
     return EXIT_OK
 
 
@@ -166,26 +175,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("info", help="show a COW file's header, backing file status and sizes",
-                       description="Show a COW file's header, backing file status, and apparent vs allocated size.")
+    p = sub.add_parser(
+        "info",
+        help="show a COW file's header, backing file status and sizes",
+        description="Show a COW file's header, backing file status, and apparent vs allocated size.",
+    )
     p.add_argument("cow", metavar="COW", help="the COW file")
     p.add_argument("--backing", metavar="PATH", help="use this backing file instead of the recorded one")
     _common(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("create", help="create an empty COW file on a backing file (like uml_mkcow)",
-                       description="Create a v3 COW file on BACKING, as uml_mkcow does. The backing file is "
-                                   "only read.")
+    p = sub.add_parser(
+        "create",
+        help="create an empty COW file on a backing file (like uml_mkcow)",
+        description="Create a v3 COW file on BACKING, as uml_mkcow does. The backing file is only read.",
+    )
     p.add_argument("cow", metavar="COW", help="the COW file to create")
     p.add_argument("backing", metavar="BACKING", help="the backing file (recorded by absolute path)")
-    p.add_argument("-f", "--force", action="store_true",
-                   help="replace an existing COW file with a new, empty one (its old content is lost)")
+    p.add_argument(
+        "-f",
+        "--force",
+        action="store_true",
+        help="replace an existing COW file with a new, empty one (its old content is lost)",
+    )
     _common(p)
     p.set_defaults(func=cmd_create)
 
-    p = sub.add_parser("demo", help="a guided tour in a temporary folder",
-                       description="Build a small backing image and a COW file in a temporary folder and show "
-                                   "what ubdcow does with them.")
+    p = sub.add_parser(
+        "demo",
+        help="a guided tour in a temporary folder",
+        description="Build a small backing image and a COW file in a temporary folder and show "
+        "what ubdcow does with them.",
+    )
     p.add_argument("--keep", metavar="DIR", help="leave the files in DIR instead of a temporary folder")
     _common(p)
     p.set_defaults(func=cmd_demo)
@@ -255,7 +276,6 @@ def run() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # a bug: one line, not a traceback (UBDCOW_DEBUG=1 shows it)
-        print(f"ubdcow: internal error: {type(exc).__name__}: {exc} (set UBDCOW_DEBUG=1 for details)",
-              file=sys.stderr)
+        print(f"ubdcow: internal error: {type(exc).__name__}: {exc} (set UBDCOW_DEBUG=1 for details)", file=sys.stderr)
         code = 70
     sys.exit(code)

@@ -30,8 +30,9 @@ def _refuse_if_in_use(path: str) -> None:
     finally:
         os.close(fd)
     if busy:
-        raise ImageLockedError(path, f"COW file is in use by {_lock.describe_holder(pid)}; refusing to replace it",
-                               pid=pid)
+        raise ImageLockedError(
+            path, f"COW file is in use by {_lock.describe_holder(pid)}; refusing to replace it", pid=pid
+        )
 
 
 def create(
@@ -65,12 +66,17 @@ def create(
         raise BackingFileError(backing_path, "backing file is empty: a COW file needs a disk of at least one byte")
     recorded = absolute_backing_path(backing_path)
     try:
-        header = make_header(layout, recorded, int(bst.st_mtime) & 0xFFFFFFFF, size, sectorsize=sectorsize,
-                             alignment=alignment)
+        header = make_header(
+            layout, recorded, int(bst.st_mtime) & 0xFFFFFFFF, size, sectorsize=sectorsize, alignment=alignment
+        )
     except (ValueError, UbdCowError) as exc:
         raise BackingFileError(backing_path, f"cannot record this backing file: {exc}") from None
-    check_output_path(cow_path, overwrite=overwrite, inputs={"backing file": bst},
-                      hint="use --force (overwrite=True) to replace it with a new, empty COW file")
+    check_output_path(
+        cow_path,
+        overwrite=overwrite,
+        inputs={"backing file": bst},
+        hint="use --force (overwrite=True) to replace it with a new, empty COW file",
+    )
     if overwrite and os.path.exists(cow_path):
         _refuse_if_in_use(cow_path)
     with AtomicFile(cow_path, overwrite=overwrite) as out:

@@ -77,8 +77,9 @@ class BackingMismatchError(BackingFileError):
 class ImageLockedError(UbdCowError):
     """Another process (often a running UML guest) holds a conflicting lock."""
 
-    def __init__(self, filename: str | os.PathLike[str] | None, message: str, *, hint: str | None = None,
-                 pid: int | None = None) -> None:
+    def __init__(
+        self, filename: str | os.PathLike[str] | None, message: str, *, hint: str | None = None, pid: int | None = None
+    ) -> None:
         self.pid = pid
         super().__init__(filename, message, hint=hint)
 
@@ -98,8 +99,14 @@ class OutputError(UbdCowError):
 class ImageIOError(UbdCowError):
     """An operating-system error while reading or writing a file."""
 
-    def __init__(self, filename: str | os.PathLike[str] | None, message: str, *, hint: str | None = None,
-                 errno: int | None = None) -> None:
+    def __init__(
+        self,
+        filename: str | os.PathLike[str] | None,
+        message: str,
+        *,
+        hint: str | None = None,
+        errno: int | None = None,
+    ) -> None:
         self.errno = errno
         super().__init__(filename, message, hint=hint)
 

@@ -205,6 +205,7 @@ class CowHeader:
 
     def validate(self, filename: str | os.PathLike[str] | None = None) -> None:
         """Raise :class:`CorruptHeaderError` if a field holds an impossible value."""
+
         def bad(message: str) -> CorruptHeaderError:
             return CorruptHeaderError(filename, message)
 
@@ -282,7 +283,9 @@ def make_header(
     )
     header.validate()
     if b"\0" in raw or len(raw) >= _PATH_FIELD[layout]:
-        raise ValueError(f"backing file path does not fit the {layout} header ({_PATH_FIELD[layout] - 1} bytes at most)")
+        raise ValueError(
+            f"backing file path does not fit the {layout} header ({_PATH_FIELD[layout] - 1} bytes at most)"
+        )
     return header
 
 

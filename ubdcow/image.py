@@ -59,11 +59,15 @@ def mismatch_message(header: CowHeader, size: int, mtime: int) -> str | None:
 
 def _mismatch_hint(cow: str, backing: str, header: CowHeader, size: int) -> str:
     if size != header.size:
-        return (f"the backing file is {size} bytes but the COW file was made on one of {header.size}: "
-                "this is not the file the COW file was made on")
-    return ("the backing file was modified, copied or touched after the COW file was made, and UML will refuse "
-            "to boot it; if its content is unchanged, record its new mtime with: "
-            f"ubdcow rebase --unsafe {cow} --backing {backing}")
+        return (
+            f"the backing file is {size} bytes but the COW file was made on one of {header.size}: "
+            "this is not the file the COW file was made on"
+        )
+    return (
+        "the backing file was modified, copied or touched after the COW file was made, and UML will refuse "
+        "to boot it; if its content is unchanged, record its new mtime with: "
+        f"ubdcow rebase --unsafe {cow} --backing {backing}"
+    )
 
 
 def check_backing_file(header: CowHeader, cow_path: str, backing_path: str, st: os.stat_result, size: int) -> None:
@@ -99,7 +103,9 @@ def open_backing(
     if backing is not None:
         candidates = [os.fspath(backing)]
     elif not header.backing_file:
-        raise BackingFileError(cow_path, "no backing file is recorded in the header", hint="name one with --backing PATH")
+        raise BackingFileError(
+            cow_path, "no backing file is recorded in the header", hint="name one with --backing PATH"
+        )
     else:
         candidates = backing_candidates(header, cow_path)
     for path in candidates:
@@ -141,8 +147,15 @@ class CowImage(io.RawIOBase):
     mode: str
     backing_name: str
 
-    def __init__(self, cow_path: str | os.PathLike[str], mode: str = "r", *,
-                 backing: str | os.PathLike[str] | None = None, check_backing: bool = True, lock: bool = True) -> None:
+    def __init__(
+        self,
+        cow_path: str | os.PathLike[str],
+        mode: str = "r",
+        *,
+        backing: str | os.PathLike[str] | None = None,
+        check_backing: bool = True,
+        lock: bool = True,
+    ) -> None:
         super().__init__()
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -367,7 +380,8 @@ class CowImage(io.RawIOBase):
             raise ValueError("offset and length must be >= 0")
         if offset + length > self.size:
             raise ImageRangeError(
-                self.name, f"write of {length} bytes at offset {offset} ends past the end of the disk ({self.size} bytes)"
+                self.name,
+                f"write of {length} bytes at offset {offset} ends past the end of the disk ({self.size} bytes)",
             )
         last = (offset + length + SECTOR_SIZE - 1) >> _SHIFT
         if length and last > self._bitmap.nbits:
@@ -400,8 +414,9 @@ class CowImage(io.RawIOBase):
         try:
             got = pread_into(self._fd, chunk, self._data_offset + pos)
         except OSError as exc:
-            raise ImageIOError(self.name, f"read error at data offset {self._data_offset + pos}: {exc.strerror}",
-                               errno=exc.errno) from None
+            raise ImageIOError(
+                self.name, f"read error at data offset {self._data_offset + pos}: {exc.strerror}", errno=exc.errno
+            ) from None
         if got < len(chunk):  # a set bit past the end of the file reads as zeros, as in the kernel
             chunk[got:] = bytes(len(chunk) - got)
 
@@ -409,8 +424,9 @@ class CowImage(io.RawIOBase):
         try:
             got = pread_into(self._bfd, chunk, pos)
         except OSError as exc:
-            raise ImageIOError(self.backing_name, f"read error at offset {pos}: {exc.strerror}",
-                               errno=exc.errno) from None
+            raise ImageIOError(
+                self.backing_name, f"read error at offset {pos}: {exc.strerror}", errno=exc.errno
+            ) from None
         if got < len(chunk):
             if pos + got < self._backing_size:
                 raise ImageIOError(
@@ -463,12 +479,19 @@ class CowImage(io.RawIOBase):
             self._dirty = True
             self._bitmap.set_range(first, last)
         except OSError as exc:
-            raise ImageIOError(self.name, f"cannot zero sectors {first}-{last - 1}: {exc.strerror}",
-                               errno=exc.errno) from None
+            raise ImageIOError(
+                self.name, f"cannot zero sectors {first}-{last - 1}: {exc.strerror}", errno=exc.errno
+            ) from None
 
 
-def open(cow_path: str | os.PathLike[str], mode: str = "r", *, backing: str | os.PathLike[str] | None = None,
-         check_backing: bool = True, lock: bool = True) -> CowImage:
+def open(
+    cow_path: str | os.PathLike[str],
+    mode: str = "r",
+    *,
+    backing: str | os.PathLike[str] | None = None,
+    check_backing: bool = True,
+    lock: bool = True,
+) -> CowImage:
     """Open the virtual disk of a COW file.
 
     ``mode`` is "r" or "r+". ``backing`` overrides the recorded backing path;
@@ -477,4 +500,3 @@ def open(cow_path: str | os.PathLike[str], mode: str = "r", *, backing: str | os
     (dangerous: only when you know nothing else uses the file).
     """
     return CowImage(cow_path, mode, backing=backing, check_backing=check_backing, lock=lock)
-

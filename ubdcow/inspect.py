@@ -23,8 +23,9 @@ def cow_bytes(header: CowHeader, cow_sectors: int, last_set: bool) -> int:
     return min(total, header.size)
 
 
-def backing_status(header: CowHeader, cow_path: str, cow_stat: os.stat_result,
-                   backing: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def backing_status(
+    header: CowHeader, cow_path: str, cow_stat: os.stat_result, backing: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
     """Where the backing file is and whether UML would accept it (never raises for a bad backing)."""
     status: dict[str, Any] = {
         "path": os.fspath(backing) if backing is not None else header.backing_file,
@@ -44,16 +45,23 @@ def backing_status(header: CowHeader, cow_path: str, cow_stat: os.stat_result,
         return status
     os.close(fd)
     mtime = int(st.st_mtime)
-    status.update(path=path, exists=True, size=size, mtime=mtime,
-                  size_matches=size == header.size, mtime_matches=mtime == header.mtime)
+    status.update(
+        path=path,
+        exists=True,
+        size=size,
+        mtime=mtime,
+        size_matches=size == header.size,
+        mtime_matches=mtime == header.mtime,
+    )
     message = mismatch_message(header, size, mtime)
     if message is not None:
         status["problem"] = f"{message}: UML will refuse to open this COW file"
         if size != header.size:
             status["hint"] = "this is not the backing file the COW file was made on"
         else:
-            status["hint"] = (f"if the backing file's content is unchanged: ubdcow rebase --unsafe {cow_path} "
-                              f"--backing {path}")
+            status["hint"] = (
+                f"if the backing file's content is unchanged: ubdcow rebase --unsafe {cow_path} --backing {path}"
+            )
     return status
 
 

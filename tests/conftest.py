@@ -1,0 +1,114 @@
+"""Shared fixtures: the conformance corpus unpacked per test, and the real-tool gate."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+MANIFEST: list[dict[str, Any]] = json.loads((DATA / "manifest.json").read_text())
+CASES = {c["name"]: c for c in MANIFEST}
+REQUIRE_UML = os.environ.get("UBDCOW_REQUIRE_UML") == "1"
+
+
+def require_tool(name: str) -> str:
+    """Path of a real UML tool; skip (or fail under UBDCOW_REQUIRE_UML=1) when it is absent."""
+    path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
+    if path:
+        return path
+    message = f"{name} is not installed (apt-get install uml-utilities user-mode-linux)"
+    if REQUIRE_UML:
+        pytest.fail(f"UBDCOW_REQUIRE_UML=1 but {message}")
+    pytest.skip(message)
+
+
+@dataclass
+class Case:
+    """One unpacked conformance case."""
+
+    name: str
+    meta: dict[str, Any]
+    dir: Path
+    cow: Path
+    backing: Path
+    expected: Path
+
+    @property
+    def expected_bytes(self) -> bytes:
+        return self.expected.read_bytes()
+
+
+def unpack_case(name: str, dest: Path) -> Case:
+    """Unpack case ``name`` into ``dest`` and give the backing file the recorded mtime."""
+    meta = CASES[name]
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for stem in ("backing.img", "overlay.cow", "expected.img"):
+        target = dest / stem
+        with gzip.open(DATA / name / f"{stem}.gz") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        paths[stem] = target
+    os.utime(paths["backing.img"], (meta["mtime"], meta["mtime"]))
+    return Case(name, meta, dest, paths["overlay.cow"], paths["backing.img"], paths["expected.img"])
+
+
+@pytest.fixture(params=[c["name"] for c in MANIFEST])
+def case(request: pytest.FixtureRequest, tmp_path: Path) -> Case:
+    """Every conformance case, unpacked into a fresh folder."""
+    return unpack_case(request.param, tmp_path / request.param)
+
+
+@pytest.fixture
+def unpack(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Unpack a named case: ``unpack("v3-discard")``."""
+
+    def _unpack(name: str, sub: str | None = None) -> Case:
+        return unpack_case(name, tmp_path / (sub or name))
+
+    return _unpack
+
+
+def run_cli(
+    *args: str,
+    cwd: str | os.PathLike[str] | None = None,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m ubdcow ARGS`` in a subprocess, capturing bytes."""
+    full_env = dict(os.environ)
+    full_env.pop("UBDCOW_DEBUG", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "ubdcow", *map(str, args)],
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], *needles: str) -> str:
+    """A CLI failure: non-zero exit, no traceback, the first stderr line ``ubdcow: ...`` naming ``needles``."""
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0, f"expected failure, got 0; stderr={err!r}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    assert lines[0].startswith("ubdcow: "), lines
+    assert all(line.startswith(("ubdcow: ", "hint: ")) for line in lines), lines
+    assert len([line for line in lines if line.startswith("ubdcow: ")]) == 1, lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

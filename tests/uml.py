@@ -1,0 +1,104 @@
+"""Drive a real User-Mode Linux guest (Debian's linux.uml) for tests.
+
+The guest boots with the host's root as its filesystem (hostfs), runs a shell
+script as init, and halts. The COW file is attached as /dev/ubdb. Files the
+script writes under the host's paths are visible to the test afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from conftest import require_tool
+
+PRELUDE = """#!/bin/sh
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sys /sys 2>/dev/null
+echo UBDCOW-GUEST-START
+"""
+EPILOGUE = """
+echo UBDCOW-GUEST-END
+sync
+halt -f
+"""
+
+
+class Guest:
+    """The result of one guest run: its console text."""
+
+    def __init__(self, console: str, returncode: int) -> None:
+        self.console = console
+        self.returncode = returncode
+
+    @property
+    def finished(self) -> bool:
+        return "UBDCOW-GUEST-END" in self.console
+
+
+def ubd_arg(
+    cow: str | os.PathLike[str], backing: str | os.PathLike[str] | None = None, *, device: str = "ubdb", flags: str = ""
+) -> str:
+    """``ubdb=/abs/cow[,/abs/backing]`` (give the backing only if the recorded path is wrong)."""
+    spec = os.path.abspath(cow)
+    if backing is not None:
+        spec += "," + os.path.abspath(backing)
+    return f"{device}{flags}={spec}"
+
+
+def run_guest(
+    script: str,
+    *ubd: str,
+    workdir: str | os.PathLike[str],
+    timeout: float = 120,
+    mem: str = "96M",
+    background: bool = False,
+) -> Guest | subprocess.Popen[bytes]:
+    """Boot a guest that runs ``script`` (shell, after /proc and /sys are mounted) with ``ubd`` devices.
+
+    With ``background=True`` returns the running Popen (stdout is the console).
+    """
+    kernel = require_tool("linux.uml")
+    workdir = Path(workdir)
+    fd, path = tempfile.mkstemp(prefix="guest-", suffix=".sh", dir=workdir)
+    with os.fdopen(fd, "w") as f:
+        f.write(PRELUDE + script + EPILOGUE)
+    os.chmod(path, 0o755)
+    umid_dir = workdir / "uml-home"
+    umid_dir.mkdir(exist_ok=True)
+    cmd = [
+        kernel,
+        f"mem={mem}",
+        "rootfstype=hostfs",
+        "rootflags=/",
+        "rw",
+        f"init={path}",
+        *ubd,
+        "con=null",
+        "con0=fd:0,fd:1",
+        f"uml_dir={umid_dir}",
+    ]
+    env = dict(os.environ, TMPDIR=str(workdir))
+    if background:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    proc = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=timeout
+    )
+    return Guest(proc.stdout.decode(errors="replace"), proc.returncode)
+
+
+def guest(script: str, *ubd: str, workdir: str | os.PathLike[str], timeout: float = 120) -> Guest:
+    """Run a guest to completion and assert it reached the end of its script."""
+    result = run_guest(script, *ubd, workdir=workdir, timeout=timeout)
+    assert isinstance(result, Guest)
+    assert result.finished, "guest did not finish its script; console tail:\n" + result.console[-3000:]
+    return result
