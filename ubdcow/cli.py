@@ -152,6 +152,69 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def progress_bar(out: Output, total: int, desc: str) -> Any:
+    """A tqdm bar on stderr when it is a terminal and not ``--quiet``; else None."""
+    if out.quiet or not out.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=out.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def cmd_merge(args: argparse.Namespace, out: Output) -> int:
+    from .format import read_header
+    from .merge import default_output, merge, stream
+
+    output = args.output or default_output(args.cow)
+    bar = progress_bar(out, read_header(args.cow).size, "merge")
+    update = bar.update if bar is not None else None
+    try:
+        if output == "-":
+            sys.stdout.flush()
+            result = stream(
+                args.cow,
+                sys.stdout.fileno(),
+                backing=args.backing,
+                force=args.force,
+                progress=update,
+                lock=not args.no_lock,
+            )
+        else:
+            result = merge(
+                args.cow,
+                output,
+                backing=args.backing,
+                force=args.force,
+                overwrite=args.overwrite,
+                sparse=not args.no_sparse,
+                progress=update,
+                lock=not args.no_lock,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    if output == "-":
+        out.stdout = out.stderr  # the image owns stdout
+    if out.json:
+        out.dump(result.as_dict())
+    else:
+        out.line(
+            f"merged {args.cow} -> {result.output}: {out.size(result.size)} "
+            f"({out.size(result.cow_bytes)} from the COW file, {out.size(result.backing_bytes)} from the "
+            f"backing file; {out.size(result.hole_bytes)} left as holes) in {result.seconds:.2f} s"
+        )
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     from .demo import run_demo
 
@@ -200,6 +263,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser(
+        "merge",
+        help="flatten a COW file into a new raw image (like uml_moo, but safe)",
+        description="Write the virtual disk of COW to a new raw image: byte-identical to what a "
+        "guest reads, sparse, written to a temporary file and renamed into place. "
+        "The backing file is only read.",
+    )
+    p.add_argument("cow", metavar="COW", help="the COW file")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUTPUT",
+        help="the raw image to write (default: COW with its suffix replaced by .img; - for stdout)",
+    )
+    p.add_argument("--backing", metavar="PATH", help="use this backing file instead of the recorded one")
+    p.add_argument(
+        "--force", action="store_true", help="merge even if the backing file's size or mtime differs from the header"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--no-sparse", action="store_true", help="allocate every byte of the output (no holes)")
+    p.add_argument(
+        "--no-lock", action="store_true", help="DANGEROUS: do not take the read lock that keeps a running guest out"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
         "demo",

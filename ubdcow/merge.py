@@ -1,0 +1,276 @@
+"""Flatten a COW image into a new raw image: exact, sparse, atomic, backing untouched.
+
+The image is copied run by run (never sector by sector): data runs go through
+``copy_file_range`` (in-kernel copy; reflinks where the filesystem has them)
+after a read that finds all-zero 4 KiB blocks, which are left as holes, as
+are holes in the backing file and in the COW data area.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ._atomic import AtomicFile, check_output_path
+from ._io import data_segments, pread_into, pwrite_all
+from .errors import ImageIOError
+from .image import CowImage
+
+__all__ = ["MergeResult", "merge", "stream", "default_output"]
+
+CHUNK = 1 << 20  # read/zero-check granularity (fits in cache, so the copy that follows is cheap)
+BLOCK = 4096  # hole granularity in the output
+
+Progress = Callable[[int], Any]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge did. ``cow_bytes + backing_bytes == size``."""
+
+    output: str
+    size: int
+    cow_bytes: int
+    backing_bytes: int
+    hole_bytes: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_output(cow_path: str | os.PathLike[str]) -> str:
+    """``overlay.cow`` -> ``overlay.img`` (a name without a suffix gets ``.img`` appended)."""
+    root, _ = os.path.splitext(os.fspath(cow_path))
+    return root + ".img"
+
+
+class _Copier:
+    """Copies data ranges between files, skipping all-zero blocks when sparse."""
+
+    def __init__(self, out_fd: int, sparse: bool) -> None:
+        self.out_fd = out_fd
+        self.sparse = sparse
+        self.buf = bytearray(CHUNK)
+        self.view = memoryview(self.buf)
+        self.written = 0
+        self._cfr = hasattr(os, "copy_file_range")
+
+    def copy(self, src: int, src_off: int, dst_off: int, length: int, src_name: str) -> None:
+        if not self.sparse:
+            self._copy_whole(src, src_off, dst_off, length, src_name)
+            return
+        pos = 0
+        while pos < length:
+            n = min(CHUNK, length - pos)
+            if n == CHUNK:  # end chunks on output block boundaries so zero blocks line up with holes
+                n -= (dst_off + pos + n) % BLOCK
+            view = self.view[:n]
+            got = pread_into(src, view, src_off + pos)
+            if got < n:
+                raise _short_read(src_name, src_off + pos + got)
+            for a, b in _nonzero_runs(self.buf, n, (dst_off + pos) % BLOCK):
+                self._write(src, src_off + pos + a, dst_off + pos + a, view[a:b])
+            pos += n
+
+    def _write(self, src: int, src_off: int, dst_off: int, data: memoryview) -> None:
+        if self._cfr:
+            done = 0
+            try:
+                while done < len(data):
+                    n = os.copy_file_range(src, self.out_fd, len(data) - done, src_off + done, dst_off + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                    raise
+                self._cfr = False
+            if done:
+                self.written += done
+                data = data[done:]
+                dst_off += done
+            if not len(data):
+                return
+        pwrite_all(self.out_fd, [data], dst_off)
+        self.written += len(data)
+
+    def _copy_whole(self, src: int, src_off: int, dst_off: int, length: int, src_name: str) -> None:
+        pos = 0
+        while pos < length:
+            n = min(CHUNK, length - pos)
+            view = self.view[:n]
+            got = pread_into(src, view, src_off + pos)
+            if got < n:
+                raise _short_read(src_name, src_off + pos + got)
+            self._write(src, src_off + pos, dst_off + pos, view)
+            pos += n
+
+
+def _short_read(name: str, offset: int) -> ImageIOError:
+    return ImageIOError(
+        name, f"file ended at offset {offset} during the merge: it changed while being read", errno=errno.EIO
+    )
+
+
+def _nonzero_runs(buf: bytearray, n: int, phase: int) -> list[tuple[int, int]]:
+    """Byte ranges of ``buf[:n]`` to write: everything but all-zero blocks.
+
+    Blocks are :data:`BLOCK` bytes aligned to the output; ``phase`` is the
+    output offset of ``buf[0]`` modulo BLOCK. Partial blocks at either end
+    are written unless entirely zero.
+    """
+    head = (BLOCK - phase) % BLOCK
+    head = min(head, n)
+    k = (n - head) // BLOCK
+    tail_start = head + k * BLOCK
+    mask = np.empty(k + 2, dtype=bool)  # [head, blocks..., tail]
+    mask[0] = head > 0 and any(buf[:head])
+    mask[-1] = tail_start < n and any(buf[tail_start:n])
+    if k:
+        words = np.frombuffer(buf, dtype=np.uint64, count=k * (BLOCK // 8), offset=head).reshape(k, BLOCK // 8)
+        nonzero = words[:, 0] != 0  # most data blocks show themselves in their first word
+        maybe_zero = np.flatnonzero(~nonzero)
+        if maybe_zero.size:
+            nonzero[maybe_zero] = words[maybe_zero].any(axis=1)
+        mask[1:-1] = nonzero
+    if mask.all():
+        return [(0, n)]
+    if not mask.any():
+        return []
+    # ranges: index 0 -> [0, head); 1..k -> blocks; k+1 -> [tail_start, n)
+    starts = [0] + [head + i * BLOCK for i in range(k)] + [tail_start]
+    ends = [head] + [head + (i + 1) * BLOCK for i in range(k)] + [n]
+    runs: list[tuple[int, int]] = []
+    for keep, a, b in zip(mask.tolist(), starts, ends, strict=True):
+        if not keep or a == b:
+            continue
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return runs
+
+
+def _copy_image(img: CowImage, out_fd: int, *, sparse: bool, progress: Progress | None) -> tuple[int, int, int]:
+    """Copy the virtual disk into ``out_fd`` (already ``size`` long and zero); returns (cow, backing, written)."""
+    cow_fd, backing_fd = img.fds
+    base = img.header.data_offset
+    copier = _Copier(out_fd, sparse)
+    cow_bytes = backing_bytes = 0
+    for start, length, source in img.extents():
+        if source == "cow":
+            src, src_base, name = cow_fd, base, img.name
+            cow_bytes += length
+        else:
+            src, src_base, name = backing_fd, 0, img.backing_name
+            backing_bytes += length
+        # past the end of a file is a hole: a set bit past the COW's end, or a
+        # backing smaller than the disk (accepted with force), reads as zeros
+        for a, b, is_data in data_segments(src, src_base + start, src_base + start + length):
+            if is_data:
+                copier.copy(src, a, a - src_base, b - a, name)
+            if progress is not None:
+                progress(b - a)
+    return cow_bytes, backing_bytes, copier.written
+
+
+def _backing_unchanged(img: CowImage, before: os.stat_result) -> None:
+    after = os.fstat(img.fds[1])
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise ImageIOError(
+            img.backing_name, "backing file changed during the merge; the output was discarded", errno=errno.EIO
+        )
+
+
+def merge(
+    cow_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    backing: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    sparse: bool = True,
+    progress: Progress | None = None,
+    lock: bool = True,
+) -> MergeResult:
+    """Write the virtual disk of ``cow_path`` to a new raw image ``output_path``.
+
+    The output appears atomically (temporary file, fsync, rename) and is
+    exactly ``size`` bytes. ``force`` accepts a backing file whose size or
+    mtime differs from the header; ``overwrite`` replaces an existing output
+    (never the COW or backing file). ``progress`` is called with the number
+    of bytes of virtual disk done since its last call.
+    """
+    t0 = time.monotonic()
+    output = os.fspath(output_path)
+    with CowImage(cow_path, "r", backing=backing, check_backing=not force, lock=lock) as img:
+        cow_fd, backing_fd = img.fds
+        backing_stat = os.fstat(backing_fd)
+        check_output_path(
+            output, overwrite=overwrite, inputs={"COW file": os.fstat(cow_fd), "backing file": backing_stat}
+        )
+        with AtomicFile(output, overwrite=overwrite) as out:
+            try:
+                os.ftruncate(out.fd, img.size)
+                if not sparse:
+                    os.posix_fallocate(out.fd, 0, img.size)
+                cow_bytes, backing_bytes, written = _copy_image(img, out.fd, sparse=sparse, progress=progress)
+            except OSError as exc:
+                raise ImageIOError(output, f"cannot write the merged image: {exc.strerror}", errno=exc.errno) from None
+            _backing_unchanged(img, backing_stat)
+            out.commit()
+    allocated = img.size if not sparse else written
+    return MergeResult(
+        output=out.path,
+        size=img.size,
+        cow_bytes=cow_bytes,
+        backing_bytes=backing_bytes,
+        hole_bytes=img.size - allocated,
+        seconds=time.monotonic() - t0,
+    )
+
+
+def stream(
+    cow_path: str | os.PathLike[str],
+    out_fd: int,
+    *,
+    backing: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    lock: bool = True,
+) -> MergeResult:
+    """Write the virtual disk to an open descriptor (a pipe, stdout) sequentially."""
+    t0 = time.monotonic()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with CowImage(cow_path, "r", backing=backing, check_backing=not force, lock=lock) as img:
+        cow_bytes = sum(n for _, n, src in img.extents() if src == "cow")
+        pos = 0
+        while pos < img.size:
+            n = img.preadinto(view, pos)
+            write_all(out_fd, view[:n])
+            pos += n
+            if progress is not None:
+                progress(n)
+    return MergeResult(
+        output="-",
+        size=img.size,
+        cow_bytes=cow_bytes,
+        backing_bytes=img.size - cow_bytes,
+        hole_bytes=0,
+        seconds=time.monotonic() - t0,
+    )
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to a stream descriptor."""
+    while len(data):
+        n = os.write(fd, data)
+        data = data[n:]
