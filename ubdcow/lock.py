@@ -28,22 +28,57 @@ def _flock(kind: int) -> bytes:
     return _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0)
 
 
-def _proc_locks_pid(fd: int) -> int | None:
-    """The pid /proc/locks gives for a lock on ``fd``'s inode (OFD locks report no pid to F_GETLK)."""
+def _lock_key(fd: int) -> str:
     st = os.fstat(fd)
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+
+
+def _proc_locks_pid(fd: int) -> int | None:
+    """The pid /proc/locks gives for a POSIX lock on ``fd``'s inode."""
+    key = _lock_key(fd)
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             for line in f:
                 parts = line.split()
                 if "->" in parts:  # a blocked waiter, not a holder
                     continue
-                if len(parts) >= 6 and parts[5] == key and parts[4].lstrip("-").isdigit():
+                if len(parts) >= 6 and parts[5] == key and parts[4].isdigit():
                     pid = int(parts[4])
                     if pid > 0 and pid != os.getpid():
                         return pid
     except OSError:
         return None
+    return None
+
+
+def _fdinfo_pid(fd: int) -> int | None:
+    """The pid of a process with a descriptor holding a lock on ``fd``'s inode.
+
+    Recent kernels show OFD locks with pid -1 everywhere but in the holder's
+    /proc/PID/fdinfo, so look there (only readable for our own or, as root,
+    every process).
+    """
+    key = _lock_key(fd)
+    me = os.getpid()
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            names = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii", errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if "lock:" in text and any(line.startswith("lock:") and key in line.split() for line in text.splitlines()):
+                return pid
     return None
 
 
@@ -59,7 +94,7 @@ def holder(fd: int, exclusive: bool = True) -> tuple[bool, int | None]:
         l_type, _, _, _, l_pid = _FLOCK.unpack(res)
         if l_type == fcntl.F_UNLCK:
             return False, None
-        pid = l_pid if l_pid > 0 else _proc_locks_pid(fd)
+        pid = l_pid if l_pid > 0 else (_proc_locks_pid(fd) or _fdinfo_pid(fd))
         return True, pid
     return False, None
 
