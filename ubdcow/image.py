@@ -28,7 +28,7 @@ from .errors import (
 )
 from .format import SECTOR_SIZE, CowHeader, read_header_from
 
-__all__ = ["CowImage", "Extent", "open", "open_backing", "check_backing_file", "mismatch_message"]
+__all__ = ["CowFile", "CowImage", "Extent", "open", "open_backing", "check_backing_file", "mismatch_message"]
 
 Source = Literal["cow", "backing", "zero"]
 _SHIFT = 9  # log2(SECTOR_SIZE)
@@ -134,6 +134,78 @@ def open_backing(
     raise BackingFileError(cow_path, message, hint="if it moved, name it with --backing PATH")
 
 
+class CowFile:
+    """A COW file on its own: header, bitmap and data area, without the backing file.
+
+    For tools that never read the backing (map, check, convert). It takes the
+    same lock as :class:`CowImage` (a write lock when ``writable``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = False,
+        lock: bool = True,
+        require_io: bool = True,
+        allow_truncated: bool = False,
+    ) -> None:
+        self.name = os.fspath(path)
+        self.fd = -1
+        try:
+            self.fd, _ = open_file(self.name, os.O_RDWR if writable else os.O_RDONLY, what="COW file")
+            if lock:
+                _lock.lock(self.fd, self.name, exclusive=writable)
+            self.header = header = read_header_from(self.fd, self.name)
+            if require_io:
+                header.require_io_support(self.name)
+            self.stat = os.fstat(self.fd)
+            self.length = file_size(self.fd, self.stat)
+            if self.length < header.data_offset and not allow_truncated:
+                raise CorruptImageError(
+                    self.name,
+                    f"file is {self.length} bytes, shorter than its data offset {header.data_offset}: truncated",
+                )
+            self.bitmap = Bitmap(self.fd, header.bitmap_offset, header.bitmap_len, header.mapped_sectors)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the file (dropping its lock); idempotent."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> CowFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, str]]:
+        """Coalesced runs ``(start, length, source)`` of the virtual disk, source "cow" or "backing"."""
+        size = self.header.size
+        end = size if length is None else min(size, offset + length)
+        if offset >= end:
+            return
+        first, last = offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT
+        for sector, count, is_set in self.bitmap.runs(first, last):
+            a = max(offset, sector << _SHIFT)
+            b = min(end, (sector + count) << _SHIFT)
+            yield a, b - a, "cow" if is_set else "backing"
+
+    def mapping(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Like :meth:`extents`, with cow runs over holes in the data area split off as "zero"."""
+        base = self.header.data_offset
+        for start, n, source in self.extents(offset, length):
+            if source == "backing":
+                yield Extent(start, n, "backing", start)
+                continue
+            for a, b, is_data in data_segments(self.fd, base + start, base + start + n):
+                yield Extent(a - base, b - a, "cow" if is_data else "zero", a)
+
+
 class CowImage(io.RawIOBase):
     """The virtual disk of a COW file: a seekable, readable (and in "r+" writable) raw file.
 
@@ -174,23 +246,13 @@ class CowImage(io.RawIOBase):
             raise
 
     def _open(self, writable: bool, backing: str | os.PathLike[str] | None, check_backing: bool, lock: bool) -> None:
-        self._fd, st = open_file(self.name, os.O_RDWR if writable else os.O_RDONLY, what="COW file")
-        if lock:
-            _lock.lock(self._fd, self.name, exclusive=writable)
-        header = read_header_from(self._fd, self.name)
-        header.require_io_support(self.name)
-        st = os.fstat(self._fd)
-        length = file_size(self._fd, st)
-        if length < header.data_offset:
-            raise CorruptImageError(
-                self.name,
-                f"file is {length} bytes, shorter than its data offset {header.data_offset}: truncated",
-            )
-        self.header = header
+        self._cow = cow = CowFile(self.name, writable=writable, lock=lock)
+        self._fd = cow.fd
+        self.header = header = cow.header
         self.size = header.size
         self._data_offset = header.data_offset
-        self._bitmap = Bitmap(self._fd, header.bitmap_offset, header.bitmap_len, header.mapped_sectors)
-        self._bfd, self.backing_name, bst, self._backing_size = open_backing(header, self.name, st, backing)
+        self._bitmap = cow.bitmap
+        self._bfd, self.backing_name, bst, self._backing_size = open_backing(header, self.name, cow.stat, backing)
         if check_backing:
             check_backing_file(header, self.name, self.backing_name, bst, self._backing_size)
         if lock and writable:
@@ -268,11 +330,13 @@ class CowImage(io.RawIOBase):
             super().close()
 
     def _close_fds(self) -> None:
-        for attr in ("_fd", "_bfd"):
-            fd = getattr(self, attr, -1)
-            if fd >= 0:
-                os.close(fd)  # closing the description drops its OFD lock
-                setattr(self, attr, -1)
+        cow = getattr(self, "_cow", None)
+        if cow is not None:
+            cow.close()  # closing the description drops its OFD lock
+        self._fd = -1
+        if self._bfd >= 0:
+            os.close(self._bfd)
+            self._bfd = -1
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"size={getattr(self, 'size', '?')}"
@@ -334,24 +398,12 @@ class CowImage(io.RawIOBase):
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, str]]:
         """Coalesced runs ``(start, length, source)`` of [offset, offset+length), source "cow" or "backing"."""
         self._checkClosed()
-        end = self.size if length is None else min(self.size, offset + length)
-        if offset >= end:
-            return
-        first, last = offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT
-        for sector, count, is_set in self._bitmap.runs(first, last):
-            a = max(offset, sector << _SHIFT)
-            b = min(end, (sector + count) << _SHIFT)
-            yield a, b - a, "cow" if is_set else "backing"
+        return self._cow.extents(offset, length)
 
     def mapping(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Like :meth:`extents`, but cow runs over holes in the data area are split off as "zero"."""
-        for start, n, source in self.extents(offset, length):
-            if source == "backing":
-                yield Extent(start, n, "backing", start)
-                continue
-            base = self._data_offset
-            for a, b, is_data in data_segments(self._fd, base + start, base + start + n):
-                yield Extent(a - base, b - a, "cow" if is_data else "zero", a)
+        self._checkClosed()
+        return self._cow.mapping(offset, length)
 
     def count_cow_sectors(self) -> int:
         """Sectors whose bit is set (and honoured)."""
