@@ -319,6 +319,6 @@ def test_a_real_guest_reads_the_merged_image_as_a_plain_disk(unpack):
     merged = c.dir / "merged.img"
     merge(c.cow, merged, backing=c.backing)
     dump = c.dir / "dump.img"
-    guest(f"dd if=/dev/ubdb of={dump} bs=4096 2>&1\n", f"ubdb={merged}", workdir=c.dir)
+    guest(f"dd if=/dev/ubdb of={dump} bs=4096 iflag=direct 2>&1\n", f"ubdb={merged}", workdir=c.dir)
     # the device exposes whole sectors; the defined bytes are [0, size)
     assert dump.read_bytes()[: c.meta["size"]] == c.expected_bytes

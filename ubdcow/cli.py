@@ -215,6 +215,103 @@ def cmd_merge(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_map(args: argparse.Namespace, out: Output) -> int:
+    from .inspect import iter_map
+
+    extents = iter_map(args.cow)
+    if out.json:
+        # streamed: a fragmented 2 TiB image has millions of extents
+        out.stdout.write("[")
+        for i, e in enumerate(extents):
+            out.stdout.write(("," if i else "") + "\n  " + json.dumps(e))
+        out.stdout.write("\n]\n")
+        return EXIT_OK
+    totals = {"cow": 0, "zero": 0, "backing": 0}
+    out.line(f"{'start':>16} {'length':>16} {'source':<8} {'offset':>16}")
+    for e in extents:
+        totals[e["source"]] += e["length"]
+        out.line(f"{e['start']:>16} {e['length']:>16} {e['source']:<8} {e['offset']:>16}")
+    out.line()
+    out.line("totals: " + ", ".join(f"{out.size(n)} {name}" for name, n in totals.items()))
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, out: Output) -> int:
+    from .check import check
+
+    report = check(args.cow, backing=args.backing)
+    if out.json:
+        out.dump(report.as_dict())
+        return report.exit_code
+    if not report.findings:
+        out.line(f"{args.cow}: clean")
+    for f in report.findings:
+        out.line(f"{f.severity}: {f.message} [{f.code}]")
+    if report.findings:
+        verdict = {
+            0: "no problems found",
+            2: "corruption found",
+            3: "the image is fine but its backing file does not match: UML would refuse it",
+        }[report.exit_code]
+        out.line(f"{args.cow}: {verdict}")
+    return report.exit_code
+
+
+def cmd_compare(args: argparse.Namespace, out: Output) -> int:
+    from .compare import compare
+
+    result = compare(args.a, args.b, backing_a=args.backing_a, backing_b=args.backing_b)
+    if out.json:
+        out.dump(result.as_dict())
+    elif result.identical:
+        out.line("identical")
+    elif result.size_a != result.size_b and result.first_difference == min(result.size_a, result.size_b):
+        out.line(f"differ: sizes {result.size_a} and {result.size_b}; identical up to the shorter one")
+    else:
+        out.line(f"differ: first difference at byte offset {result.first_difference}")
+    return 0 if result.identical else 1
+
+
+def cmd_rebase(args: argparse.Namespace, out: Output) -> int:
+    from .rebase import rebase
+
+    result = rebase(args.cow, args.backing, unsafe=args.unsafe, old_backing=args.old_backing, lock=not args.no_lock)
+    if out.json:
+        out.dump(result.as_dict())
+    else:
+        copied = "" if result.unsafe else f"; {result.copied_sectors} sectors copied in to keep the content"
+        out.line(f"rebased {args.cow} onto {result.backing_file} (mtime {result.mtime}){copied}")
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace, out: Output) -> int:
+    from .diff import diff
+
+    result = diff(args.base, args.modified, args.output, overwrite=args.overwrite)
+    if out.json:
+        out.dump(result.as_dict())
+    else:
+        out.line(
+            f"wrote {result.output}: {result.sectors} sectors differ from {args.base} "
+            f"({result.zero_sectors} of them zeros, stored as holes)"
+        )
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace, out: Output) -> int:
+    from .convert import convert
+
+    result = convert(args.cow, args.output, layout=args.layout, overwrite=args.overwrite, lock=not args.no_lock)
+    if out.json:
+        out.dump(result.as_dict())
+    else:
+        out.line(
+            f"converted {args.cow} ({result.source_layout}) -> {result.output} ({result.layout}), "
+            f"{result.sectors} written sectors carried over"
+        )
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     from .demo import run_demo
 
@@ -289,6 +386,90 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "map",
+        help="show which source each range of the virtual disk comes from",
+        description="List the virtual disk as coalesced extents: cow (data in the COW file), zero "
+        "(written as zeros: a hole in the COW file) or backing (read from the backing "
+        "file). Only the COW file is read.",
+    )
+    p.add_argument("cow", metavar="COW", help="the COW file")
+    p.add_argument("--backing", metavar="PATH", help="accepted for symmetry; map never reads the backing file")
+    _common(p)
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser(
+        "check",
+        help="check a COW file's consistency (exit 0 clean, 2 corrupt, 3 backing mismatch)",
+        description="Check the header, the file length, the bitmap (stray bits, the v1/v2 rounding "
+        "bug) and the backing file. Exit codes: 0 clean, 1 the check could not run, "
+        "2 corruption found, 3 only a backing file mismatch (UML would refuse it).",
+    )
+    p.add_argument("cow", metavar="COW", help="the COW file")
+    p.add_argument("--backing", metavar="PATH", help="check against this backing file instead of the recorded one")
+    _common(p)
+    p.set_defaults(func=cmd_check, error_code=1)
+
+    p = sub.add_parser(
+        "compare",
+        help="compare the content of two disks (COW files or raw images)",
+        description="Compare two virtual disks byte for byte; each may be a COW file or a raw "
+        "image. Exit codes: 0 identical, 1 different, 2 error.",
+    )
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--backing-a", metavar="PATH", help="backing file for A if it is a COW file")
+    p.add_argument("--backing-b", metavar="PATH", help="backing file for B if it is a COW file")
+    _common(p)
+    p.set_defaults(func=cmd_compare, error_code=2)
+
+    p = sub.add_parser(
+        "rebase",
+        help="point a COW file at another backing file (--unsafe: fix an mtime mismatch)",
+        description="Make COW use the backing file NEW. By default the virtual disk keeps its "
+        "content: sectors that differ between the old and new backing are copied into "
+        "the COW file first. With --unsafe only the header changes (the repair for "
+        "'mtime mismatch' after a backing image was copied or touched).",
+    )
+    p.add_argument("cow", metavar="COW", help="the COW file")
+    p.add_argument("--backing", metavar="NEW", required=True, help="the new backing file")
+    p.add_argument("--unsafe", action="store_true", help="rewrite the header only; do not compare the contents")
+    p.add_argument("--old-backing", metavar="PATH", help="the current backing file, if not at its recorded path")
+    p.add_argument(
+        "--no-lock", action="store_true", help="DANGEROUS: do not take the write lock that keeps a running guest out"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_rebase)
+
+    p = sub.add_parser(
+        "diff",
+        help="make a COW file on BASE holding where MODIFIED differs (thin a full copy)",
+        description="Create a v3 COW file on BASE whose virtual disk equals MODIFIED, holding only "
+        "the sectors that differ (zeros as holes).",
+    )
+    p.add_argument("base", metavar="BASE", help="the original raw image (the new COW file's backing file)")
+    p.add_argument("modified", metavar="MODIFIED", help="the modified image (raw or COW)")
+    p.add_argument("-o", "--output", metavar="COW", required=True, help="the COW file to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _common(p)
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a COW file in another layout (default v3)",
+        description="Rewrite COW (v1, v2 or broken v3) as a new file of another layout, with the "
+        "same content and set bits. The source is not changed.",
+    )
+    p.add_argument("cow", metavar="COW", help="the COW file")
+    p.add_argument("-o", "--output", metavar="NEW", required=True, help="the COW file to write")
+    p.add_argument("--layout", choices=["v1", "v2", "v3", "v3-broken"], default="v3", help="(default: v3)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--no-lock", action="store_true", help="DANGEROUS: do not take the read lock that keeps a running guest out"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
         "demo",

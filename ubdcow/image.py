@@ -358,6 +358,12 @@ class CowImage(io.RawIOBase):
         self._checkClosed()
         return self._readinto_at(memoryview(buffer).cast("B"), offset)
 
+    def backing_preadinto(self, buffer: memoryview | bytearray, offset: int) -> None:
+        """Fill ``buffer`` from the backing file at ``offset``, whatever the bitmap says (zeros past its end)."""
+        self._checkClosed()
+        with self._mutex:
+            self._read_backing(memoryview(buffer).cast("B"), offset)
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write ``data`` at ``offset``; the whole range must lie inside the disk."""
         self._check_writable()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from . import lock as _lock
@@ -10,9 +11,9 @@ from ._io import file_size, open_file
 from .bitmap import Bitmap
 from .errors import BackingFileError
 from .format import CowHeader, read_header_from
-from .image import mismatch_message, open_backing
+from .image import CowFile, mismatch_message, open_backing
 
-__all__ = ["info", "backing_status", "cow_bytes"]
+__all__ = ["info", "iter_map", "map_image", "backing_status", "cow_bytes"]
 
 
 def cow_bytes(header: CowHeader, cow_sectors: int, last_set: bool) -> int:
@@ -105,3 +106,21 @@ def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | 
         "in_use": busy,
         "locked_by": pid if busy else None,
     }
+
+
+def iter_map(cow_path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The virtual disk as coalesced extents covering [0, size), in order (streamed).
+
+    Each is ``{"start", "length", "source", "offset"}``; source "cow" (data in
+    the COW file at ``offset``), "zero" (a set bit over a hole in the data
+    area, read as zeros) or "backing" (read from the backing file at
+    ``offset``). Only the COW file is read.
+    """
+    with CowFile(cow_path, lock=False) as cow:
+        for extent in cow.mapping():
+            yield extent._asdict()
+
+
+def map_image(cow_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """:func:`iter_map` as a list."""
+    return list(iter_map(cow_path))

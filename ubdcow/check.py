@@ -1,0 +1,221 @@
+"""``check``: a full consistency check of a COW file and its backing file.
+
+Exit codes of the command: 0 clean, 1 the check could not run, 2 corruption
+found, 3 only a backing-file problem (the image is fine but UML would refuse it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from . import lock as _lock
+from ._io import file_size, open_file, pread_into
+from .bitmap import Bitmap, iter_runs
+from .errors import BackingFileError, CorruptHeaderError, UnsupportedVersionError
+from .format import SECTOR_SIZE, CowHeader, read_header_from
+from .image import mismatch_message, open_backing
+
+__all__ = ["Finding", "CheckReport", "check", "EXIT_CLEAN", "EXIT_FAILED", "EXIT_CORRUPT", "EXIT_BACKING"]
+
+EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_BACKING = 0, 1, 2, 3
+Severity = Literal["error", "warning", "info"]
+BACKING_CODES = frozenset({"backing-missing", "backing-unreadable", "backing-size", "backing-mtime"})
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem (or note) found by :func:`check`."""
+
+    code: str
+    severity: Severity
+    message: str
+
+
+@dataclass
+class CheckReport:
+    """The findings of a check and the verdict they add up to."""
+
+    file: str
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, code: str, severity: Severity, message: str) -> None:
+        self.findings.append(Finding(code, severity, message))
+
+    @property
+    def exit_code(self) -> int:
+        """0 clean, 2 corruption, 3 only a backing-file problem."""
+        serious = [f for f in self.findings if f.severity != "info"]
+        if any(f.code not in BACKING_CODES for f in serious):
+            return EXIT_CORRUPT
+        return EXIT_BACKING if serious else EXIT_CLEAN
+
+    @property
+    def status(self) -> str:
+        return {EXIT_CLEAN: "clean", EXIT_CORRUPT: "corrupt", EXIT_BACKING: "backing-mismatch"}[self.exit_code]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+
+def _span(first: int, count: int) -> str:
+    return f"sector {first}" if count == 1 else f"sectors {first}-{first + count - 1}"
+
+
+def _check_length(report: CheckReport, h: CowHeader, bitmap: Bitmap, length: int) -> None:
+    bitmap_end = h.bitmap_offset + h.bitmap_len
+    if length < bitmap_end:
+        report.add(
+            "truncated",
+            "error",
+            f"the file ({length} bytes) ends inside the bitmap, which runs to offset {bitmap_end}: truncated",
+        )
+    elif length < h.data_offset:
+        report.add(
+            "truncated",
+            "error",
+            f"the file ({length} bytes) ends before its data area at offset {h.data_offset}: truncated",
+        )
+    available = max(0, length - h.data_offset)
+    if available < h.size:
+        first_missing = available // SECTOR_SIZE
+        lost = bitmap.count(first_missing, bitmap.nbits)
+        if lost:
+            report.add(
+                "data-past-eof",
+                "error",
+                f"{lost} written sectors (from sector {first_missing} on) have their data past the end of "
+                f"the file ({length} bytes): truncated; they read as zeros",
+            )
+    data_end = h.data_offset + h.sectors * SECTOR_SIZE
+    if length > data_end:
+        report.add(
+            "trailing-data",
+            "warning",
+            f"{length - data_end} bytes past the end of the last sector's data (offset {data_end})",
+        )
+
+
+def _check_bits_past_end(report: CheckReport, fd: int, h: CowHeader) -> None:
+    """Bits in the bitmap's last byte for sectors the disk does not have (v3)."""
+    bits = 8 * h.bitmap_len
+    if bits <= h.sectors:
+        return
+    last = bytearray(1)
+    pread_into(fd, memoryview(last), h.bitmap_offset + h.bitmap_len - 1)
+    first_bit = 8 * (h.bitmap_len - 1)
+    stray = [(a, n) for a, n, on in iter_runs(last, first_bit, h.sectors, bits) if on]
+    if stray:
+        where = ", ".join(_span(a, n) for a, n in stray)
+        report.add(
+            "bits-past-end", "warning", f"bits set for {where}, past the disk's last sector {h.sectors - 1} (ignored)"
+        )
+
+
+def _check_rounding(report: CheckReport, fd: int, h: CowHeader, bitmap: Bitmap) -> None:
+    """v1/v2 files whose bitmap is short of the sectors (the historical rounding formula)."""
+    mapped = h.mapped_sectors
+    if mapped >= h.sectors:
+        return
+    start = h.bitmap_offset + h.bitmap_len
+    need = (h.sectors + 7) // 8 - h.bitmap_len
+    stray_bytes = bytearray(need)
+    pread_into(fd, memoryview(stray_bytes), start)
+    stray = [(a, n) for a, n, on in iter_runs(stray_bytes, mapped, mapped, h.sectors) if on]
+    report.add(
+        "rounding-short",
+        "info",
+        f"{_span(mapped, h.sectors - mapped)} have no bit in this {h.layout} bitmap (the v1/v2 rounding bug): "
+        "the kernel reads them from the backing file whatever is written; convert to v3 to use them",
+    )
+    if not stray:
+        return
+    where = ", ".join(_span(a, n) for a, n in stray)
+    report.add(
+        "rounding-lost",
+        "error",
+        f"bits for {where} were written past the bitmap (offset {start}): the kernel ignores them, so the "
+        f"data a guest wrote there (at offset {h.data_offset + stray[0][0] * SECTOR_SIZE}) is lost to it",
+    )
+    if start + need > h.data_offset:
+        overlap = start + need - h.data_offset
+        if bitmap.test(0):
+            report.add(
+                "rounding-alias",
+                "error",
+                f"those bits lie over the first {overlap} bytes of sector 0's data (offset {h.data_offset}), "
+                "so sector 0 as the guest reads it is corrupted",
+            )
+        else:
+            report.add(
+                "rounding-alias",
+                "warning",
+                f"those bits lie over the first {overlap} bytes of the data area (sector 0, unused)",
+            )
+
+
+def _check_backing(
+    report: CheckReport, h: CowHeader, cow_path: str, cow_stat: os.stat_result, backing: str | os.PathLike[str] | None
+) -> None:
+    try:
+        fd, path, st, size = open_backing(h, cow_path, cow_stat, backing)
+    except BackingFileError as exc:
+        report.add("backing-missing", "error", str(exc))
+        return
+    try:
+        probe = bytearray(1)
+        pread_into(fd, memoryview(probe), 0)
+    except OSError as exc:
+        report.add("backing-unreadable", "error", f"backing file {path} cannot be read: {exc.strerror}")
+        return
+    finally:
+        os.close(fd)
+    message = mismatch_message(h, size, int(st.st_mtime))
+    if message is not None:
+        code = "backing-size" if size != h.size else "backing-mtime"
+        report.add(code, "error", f"{message} {path}: UML will refuse to open this COW file")
+
+
+def check(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | None = None) -> CheckReport:
+    """Check a COW file; raises :class:`~ubdcow.UbdCowError` only when the check cannot run.
+
+    A file that is not a COW file at all (wrong magic) or cannot be opened
+    raises; a damaged COW file gives a report with findings.
+    """
+    cow_path = os.fspath(cow_path)
+    report = CheckReport(cow_path)
+    fd, st = open_file(cow_path, os.O_RDONLY, what="COW file")
+    try:
+        try:
+            h = read_header_from(fd, cow_path)
+        except (CorruptHeaderError, UnsupportedVersionError) as exc:
+            report.add("header", "error", exc.message)
+            return report
+        busy, pid = _lock.holder(fd, exclusive=False)
+        if busy:
+            report.add(
+                "in-use",
+                "info",
+                f"in use by {_lock.describe_holder(pid)} (a running guest?): what it writes "
+                "while the check runs may not be seen",
+            )
+        if h.sectorsize != SECTOR_SIZE:
+            report.add(
+                "sector-size",
+                "error",
+                f"sector size {h.sectorsize}: the kernel works in 512-byte sectors and reads such files inconsistently",
+            )
+        bitmap = Bitmap(fd, h.bitmap_offset, h.bitmap_len, h.mapped_sectors)
+        _check_length(report, h, bitmap, file_size(fd, st))
+        _check_bits_past_end(report, fd, h)
+        _check_rounding(report, fd, h, bitmap)
+        _check_backing(report, h, cow_path, st, backing)
+    finally:
+        os.close(fd)
+    return report
