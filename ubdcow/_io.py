@@ -45,24 +45,27 @@ def open_file(
     *,
     what: str = "file",
     error: type[UbdCowError] = ImageIOError,
+    report_as: str | os.PathLike[str] | None = None,
 ) -> tuple[int, os.stat_result]:
     """Open a regular file or block device; refuse directories, FIFOs and devices.
 
-    Opens with O_NONBLOCK first so that a FIFO cannot hang the open.
+    Opens with O_NONBLOCK first so that a FIFO cannot hang the open. Errors
+    name ``report_as`` (default: ``path``).
     """
+    name = path if report_as is None else report_as
     try:
         fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise error(path, f"cannot open {what}: too many levels of symbolic links") from None
-        err = error(path, f"cannot open {what}: {exc.strerror}")
+            raise error(name, f"cannot open {what}: too many levels of symbolic links") from None
+        err = error(name, f"cannot open {what}: {exc.strerror}")
         if isinstance(err, ImageIOError):
             err.errno = exc.errno
         raise err from None
     try:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise error(path, f"{what} is {_kind(st.st_mode)}, not a regular file or block device")
+            raise error(name, f"{what} is {_kind(st.st_mode)}, not a regular file or block device")
         if flags & os.O_NONBLOCK == 0:
             os.set_blocking(fd, True)
     except BaseException:

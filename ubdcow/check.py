@@ -70,17 +70,12 @@ def _span(first: int, count: int) -> str:
 
 def _check_length(report: CheckReport, h: CowHeader, bitmap: Bitmap, length: int) -> None:
     bitmap_end = h.bitmap_offset + h.bitmap_len
-    if length < bitmap_end:
+    if length < h.data_offset:
+        where = f"inside the bitmap, which runs to offset {bitmap_end}" if length < bitmap_end else "before its data"
         report.add(
             "truncated",
             "error",
-            f"the file ({length} bytes) ends inside the bitmap, which runs to offset {bitmap_end}: truncated",
-        )
-    elif length < h.data_offset:
-        report.add(
-            "truncated",
-            "error",
-            f"the file ({length} bytes) ends before its data area at offset {h.data_offset}: truncated",
+            f"file is {length} bytes, shorter than its data offset {h.data_offset}: truncated (it ends {where})",
         )
     available = max(0, length - h.data_offset)
     if available < h.size:

@@ -108,14 +108,18 @@ def open_backing(
         )
     else:
         candidates = backing_candidates(header, cow_path)
+    # a recorded path that is unusable is a problem of the COW file: name it, and the path
+    report_as = None if backing is not None else cow_path
     for path in candidates:
+        what = "backing file" if backing is not None else f"backing file {path}"
         try:
             os.stat(path)
         except FileNotFoundError:
             continue  # missing, or a dangling link: try the next place
         except OSError as exc:
-            raise BackingFileError(path, f"cannot open backing file: {exc.strerror}") from None
-        fd, st = open_file(path, os.O_RDONLY, what="backing file", error=BackingFileError)
+            reason = "too many levels of symbolic links" if exc.errno == errno.ELOOP else exc.strerror
+            raise BackingFileError(report_as or path, f"cannot open {what}: {reason}") from None
+        fd, st = open_file(path, os.O_RDONLY, what=what, error=BackingFileError, report_as=report_as)
         if same_file(st, cow_stat):
             os.close(fd)
             raise BackingFileError(cow_path, f"the backing file {path} is the COW file itself")
@@ -123,7 +127,7 @@ def open_backing(
             size = file_size(fd, st)
         except OSError as exc:
             os.close(fd)
-            raise BackingFileError(path, f"cannot read backing file size: {exc.strerror}") from None
+            raise BackingFileError(report_as or path, f"cannot read the size of {what}: {exc.strerror}") from None
         return fd, path, st, size
     if backing is not None:
         raise BackingFileError(candidates[0], "backing file not found")

@@ -7,10 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import lock as _lock
-from ._io import file_size, open_file
-from .bitmap import Bitmap
 from .errors import BackingFileError
-from .format import CowHeader, read_header_from
+from .format import CowHeader
 from .image import CowFile, mismatch_message, open_backing
 
 __all__ = ["info", "iter_map", "map_image", "backing_status", "cow_bytes"]
@@ -73,16 +71,12 @@ def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | 
     backing file is reported in ``backing``, not raised.
     """
     cow_path = os.fspath(cow_path)
-    fd, st = open_file(cow_path, os.O_RDONLY, what="COW file")
-    try:
-        header = read_header_from(fd, cow_path)
-        bitmap = Bitmap(fd, header.bitmap_offset, header.bitmap_len, header.mapped_sectors)
-        cow_sectors = bitmap.count()
-        last_set = bitmap.test(header.sectors - 1)
-        busy, pid = _lock.holder(fd, exclusive=False)
-        apparent = file_size(fd, st)
-    finally:
-        os.close(fd)
+    with CowFile(cow_path, lock=False, require_io=False) as cow:
+        header, st = cow.header, cow.stat
+        cow_sectors = cow.bitmap.count()
+        last_set = cow.bitmap.test(header.sectors - 1)
+        busy, pid = _lock.holder(cow.fd, exclusive=False)
+        apparent = cow.length
     return {
         "file": cow_path,
         "version": header.version,
