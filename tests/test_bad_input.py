@@ -79,7 +79,7 @@ def listing(folder: Path) -> set[str]:
 
 def raw_by_magic(name: str) -> bool:
     """compare/diff read a file without the COW magic as a raw image, by design."""
-    return not (BAD / name).read_bytes()[:4] in (b"OOOM", b"MOOO")
+    return (BAD / name).read_bytes()[:4] not in (b"OOOM", b"MOOO")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -129,7 +129,7 @@ def test_bad_file(corpus, name, command):
                                      "backing-loop-a.link", "backing-missing.img", "empty.cow"])
 def test_create_refuses_unusable_backing_files(corpus, problem):
     before = listing(corpus)
-    code, out, err = run_inline(corpus, ["create", "new.cow", problem])
+    code, _out, err = run_inline(corpus, ["create", "new.cow", problem])
     assert code == 1 and "Traceback" not in err
     assert err.startswith(f"ubdcow: {problem}: ")
     assert listing(corpus) == before
