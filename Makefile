@@ -10,6 +10,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.cfg
 	$(BIN)/python -m pip install -q -e '.[test,lint]'
+	@# the fuzz harnesses need atheris (a prebuilt wheel); without it their test skips with a reason
+	$(BIN)/python -m pip install -q atheris || echo "atheris could not be installed: the fuzz test will skip"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -206,8 +206,11 @@ def check(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] |
                 "error",
                 f"sector size {h.sectorsize}: the kernel works in 512-byte sectors and reads such files inconsistently",
             )
-        bitmap = Bitmap(fd, h.bitmap_offset, h.bitmap_len, h.mapped_sectors)
-        _check_length(report, h, bitmap, file_size(fd, st))
+        length = file_size(fd, st)
+        # bits past the end of a truncated file read as clear: never scan them
+        present = max(0, min(h.bitmap_len, length - h.bitmap_offset))
+        bitmap = Bitmap(fd, h.bitmap_offset, present, h.mapped_sectors)
+        _check_length(report, h, bitmap, length)
         _check_bits_past_end(report, fd, h)
         _check_rounding(report, fd, h, bitmap)
         _check_backing(report, h, cow_path, st, backing)

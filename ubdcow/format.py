@@ -239,6 +239,9 @@ class CowHeader:
         width = _PATH_FIELD[self.layout]
         if b"\0" in self.backing_file_raw:
             raise ValueError("backing file path contains a NUL byte")
+        if self.layout == "v3" and not self.backing_file_raw:
+            # four zero bytes where the path starts are how readers tell the broken layout
+            raise ValueError("a v3 header needs a backing file path (an empty one reads as the broken layout)")
         if len(self.backing_file_raw) >= width:
             raise ValueError(
                 f"backing file path is {len(self.backing_file_raw)} bytes; "
