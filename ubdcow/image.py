@@ -491,10 +491,11 @@ class CowImage(io.RawIOBase):
             ) from None
         if got < len(chunk):
             if pos + got < self._backing_size:
+                now = os.fstat(self._bfd).st_size
                 raise ImageIOError(
                     self.backing_name,
-                    f"backing file ended at offset {pos + got}, but it was {self._backing_size} bytes when opened: "
-                    "it changed while in use",
+                    f"short read at offset {pos + got}: the backing file is now {now} bytes but was "
+                    f"{self._backing_size} when opened (it changed while in use)",
                     errno=errno.EIO,
                 )
             chunk[got:] = bytes(len(chunk) - got)  # a backing smaller than the disk (check_backing=False)

@@ -178,7 +178,21 @@ def _copy_image(img: CowImage, out_fd: int, *, sparse: bool, progress: Progress 
                 copier.copy(src, a, a - src_base, b - a, name)
             if progress is not None:
                 progress(b - a)
+        if source == "backing":
+            _backing_still_covers(img, min(start + length, img.backing_size))
     return cow_bytes, backing_bytes, copier.written
+
+
+def _backing_still_covers(img: CowImage, end: int) -> None:
+    """A backing file that shrank would look like holes (zeros): refuse, naming where it ends now."""
+    now = os.fstat(img.fds[1]).st_size
+    if now < end:
+        raise ImageIOError(
+            img.backing_name,
+            f"backing file ended at offset {now} during the merge, but it was {img.backing_size} bytes when opened: "
+            "it changed while being read",
+            errno=errno.EIO,
+        )
 
 
 def _backing_unchanged(img: CowImage, before: os.stat_result) -> None:
