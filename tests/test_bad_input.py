@@ -94,6 +94,9 @@ def test_bad_file(corpus, name, command):
     for extra in produced:  # a success leaves its output; clean it for the next run
         (corpus / extra).unlink()
 
+    if (name, command) == ("backing-empty-path.cow", "convert"):  # a v3 file cannot record an empty path
+        assert code == 1 and "needs a backing file path" in err and produced == set()
+        return
     if kind == "backing" and command in BACKING_OPTIONAL:
         assert code == 0, err
         if command == "info":

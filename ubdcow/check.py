@@ -7,11 +7,12 @@ found, 3 only a backing-file problem (the image is fine but UML would refuse it)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from . import lock as _lock
-from ._io import file_size, open_file, pread_into
+from ._io import data_segments, file_size, open_file, pread_into
 from .bitmap import Bitmap, iter_runs
 from .errors import BackingFileError, CorruptHeaderError, UnsupportedVersionError
 from .format import SECTOR_SIZE, CowHeader, read_header_from
@@ -39,6 +40,8 @@ class CheckReport:
 
     file: str
     findings: list[Finding] = field(default_factory=list)
+    #: what the scan counted: ``sectors``, ``written_sectors``, ``hole_sectors`` (set bits over holes)
+    stats: dict[str, int] = field(default_factory=dict)
 
     def add(self, code: str, severity: Severity, message: str) -> None:
         self.findings.append(Finding(code, severity, message))
@@ -61,6 +64,7 @@ class CheckReport:
             "status": self.status,
             "exit_code": self.exit_code,
             "findings": [asdict(f) for f in self.findings],
+            "stats": dict(self.stats),
         }
 
 
@@ -177,7 +181,37 @@ def _check_backing(
         report.add(code, "error", f"{message} {path}: UML will refuse to open this COW file")
 
 
-def check(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | None = None) -> CheckReport:
+def _scan(
+    report: CheckReport, fd: int, h: CowHeader, bitmap: Bitmap, length: int, progress: Callable[[int], Any] | None
+) -> None:
+    """Walk every run of the bitmap: count written sectors and those that are holes (discarded)."""
+    written = holes = 0
+    end_of_data = h.data_offset + min(length - h.data_offset, h.sectors * SECTOR_SIZE)
+    for first, count, is_set in bitmap.runs(0, h.sectors):
+        if is_set:
+            written += count
+            a = h.data_offset + first * SECTOR_SIZE
+            b = min(a + count * SECTOR_SIZE, end_of_data)
+            for x, y, is_data in data_segments(fd, a, b) if b > a else ():
+                if not is_data:
+                    holes += (y - x) // SECTOR_SIZE
+        if progress is not None:
+            progress(count * SECTOR_SIZE)
+    share = 100.0 * written / h.sectors if h.sectors else 0.0
+    report.add(
+        "summary",
+        "info",
+        f"{written} of {h.sectors} sectors written ({share:.1f}%), {holes} of them "
+        "holes in the data area (discarded or zeroed: they read as zeros)",
+    )
+
+
+def check(
+    cow_path: str | os.PathLike[str],
+    *,
+    backing: str | os.PathLike[str] | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> CheckReport:
     """Check a COW file; raises :class:`~ubdcow.UbdCowError` only when the check cannot run.
 
     A file that is not a COW file at all (wrong magic) or cannot be opened
@@ -213,6 +247,8 @@ def check(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] |
         _check_length(report, h, bitmap, length)
         _check_bits_past_end(report, fd, h)
         _check_rounding(report, fd, h, bitmap)
+        if length >= h.data_offset:
+            _scan(report, fd, h, bitmap, length, progress)
         _check_backing(report, h, cow_path, st, backing)
     finally:
         os.close(fd)

@@ -170,14 +170,41 @@ def progress_bar(out: Output, total: int, desc: str) -> Any:
     )
 
 
+class Bar:
+    """A progress bar (see :func:`progress_bar`) usable as a context manager; ``update`` may be None."""
+
+    def __init__(self, out: Output, total: int, desc: str) -> None:
+        self.bar = progress_bar(out, total, desc)
+        self.update: Callable[[int], Any] | None = self.bar.update if self.bar is not None else None
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _disk_size(path: str) -> int:
+    """The virtual size of a COW file, or the size of a raw image (0 if unknown): a progress bar's total."""
+    from .format import read_header
+
+    try:
+        return read_header(path).size
+    except UbdCowError:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return 0
+
+
 def cmd_merge(args: argparse.Namespace, out: Output) -> int:
     from .format import read_header
     from .merge import default_output, merge, stream
 
     output = args.output or default_output(args.cow)
-    bar = progress_bar(out, read_header(args.cow).size, "merge")
-    update = bar.update if bar is not None else None
-    try:
+    with Bar(out, read_header(args.cow).size, "merge") as bar:
+        update = bar.update
         if output == "-":
             sys.stdout.flush()
             result = stream(
@@ -199,9 +226,6 @@ def cmd_merge(args: argparse.Namespace, out: Output) -> int:
                 progress=update,
                 lock=not args.no_lock,
             )
-    finally:
-        if bar is not None:
-            bar.close()
     if output == "-":
         out.stdout = out.stderr  # the image owns stdout
     if out.json:
@@ -239,10 +263,18 @@ def cmd_map(args: argparse.Namespace, out: Output) -> int:
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
     from .check import check
 
-    report = check(args.cow, backing=args.backing)
+    with Bar(out, _disk_size(args.cow), "check") as bar:
+        report = check(args.cow, backing=args.backing, progress=bar.update)
     if out.json:
         out.dump(report.as_dict())
         return report.exit_code
+    stats = report.stats
+    if stats:
+        share = 100.0 * stats["written_sectors"] / stats["sectors"] if stats["sectors"] else 0.0
+        out.line(
+            f"{stats['written_sectors']} of {stats['sectors']} sectors written ({share:.1f}%), "
+            f"{stats['hole_sectors']} of them holes in the data area (discarded: they read as zeros)"
+        )
     if not report.findings:
         out.line(f"{args.cow}: clean")
     for f in report.findings:
@@ -260,7 +292,8 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
 def cmd_compare(args: argparse.Namespace, out: Output) -> int:
     from .compare import compare
 
-    result = compare(args.a, args.b, backing_a=args.backing_a, backing_b=args.backing_b)
+    with Bar(out, min(_disk_size(args.a), _disk_size(args.b)), "compare") as bar:
+        result = compare(args.a, args.b, backing_a=args.backing_a, backing_b=args.backing_b, progress=bar.update)
     if out.json:
         out.dump(result.as_dict())
     elif result.identical:
@@ -275,7 +308,15 @@ def cmd_compare(args: argparse.Namespace, out: Output) -> int:
 def cmd_rebase(args: argparse.Namespace, out: Output) -> int:
     from .rebase import rebase
 
-    result = rebase(args.cow, args.backing, unsafe=args.unsafe, old_backing=args.old_backing, lock=not args.no_lock)
+    with Bar(out, 0 if args.unsafe else _disk_size(args.cow), "rebase") as bar:
+        result = rebase(
+            args.cow,
+            args.backing,
+            unsafe=args.unsafe,
+            old_backing=args.old_backing,
+            lock=not args.no_lock,
+            progress=bar.update,
+        )
     if out.json:
         out.dump(result.as_dict())
     else:
@@ -287,7 +328,8 @@ def cmd_rebase(args: argparse.Namespace, out: Output) -> int:
 def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     from .diff import diff
 
-    result = diff(args.base, args.modified, args.output, overwrite=args.overwrite)
+    with Bar(out, _disk_size(args.base), "diff") as bar:
+        result = diff(args.base, args.modified, args.output, overwrite=args.overwrite, progress=bar.update)
     if out.json:
         out.dump(result.as_dict())
     else:
@@ -301,7 +343,15 @@ def cmd_diff(args: argparse.Namespace, out: Output) -> int:
 def cmd_convert(args: argparse.Namespace, out: Output) -> int:
     from .convert import convert
 
-    result = convert(args.cow, args.output, layout=args.layout, overwrite=args.overwrite, lock=not args.no_lock)
+    with Bar(out, _disk_size(args.cow), "convert") as bar:
+        result = convert(
+            args.cow,
+            args.output,
+            layout=args.layout,
+            overwrite=args.overwrite,
+            lock=not args.no_lock,
+            progress=bar.update,
+        )
     if out.json:
         out.dump(result.as_dict())
     else:
