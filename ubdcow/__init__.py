@@ -1,15 +1,24 @@
 """ubdcow: User-Mode Linux copy-on-write (COW) block images in pure Python.
 
->>> import ubdcow
->>> with ubdcow.open("overlay.cow") as disk:        # doctest: +SKIP
-...     boot_sector = disk.pread(512, 0)
+Read a guest's disk, write to it with the ubd driver's semantics, flatten it::
+
+    import ubdcow
+    with ubdcow.open("overlay.cow") as disk:
+        boot_sector = disk.pread(512, 0)
+    ubdcow.merge("overlay.cow", "flat.img")
+
+See docs/api.md.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .check import CheckReport, Finding, check
+from .compare import CompareResult, compare
+from .convert import ConvertResult, convert
 from .create import create
+from .diff import DiffResult, diff
 from .errors import (
     BackingFileError,
     BackingMismatchError,
@@ -27,14 +36,32 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .format import CowHeader, make_header, parse_header, read_header
-from .image import CowImage, Extent, open
-from .inspect import info
+from .image import CowFile, CowImage, Extent, open
+from .inspect import info, iter_map, map_image
+from .merge import MergeResult, merge
+from .rebase import RebaseResult, rebase
 
 __all__ = [
     "__version__",
     "open",
     "create",
     "info",
+    "merge",
+    "map_image",
+    "iter_map",
+    "check",
+    "compare",
+    "rebase",
+    "diff",
+    "convert",
+    "MergeResult",
+    "CheckReport",
+    "Finding",
+    "CompareResult",
+    "RebaseResult",
+    "DiffResult",
+    "ConvertResult",
+    "CowFile",
     "CowImage",
     "CowHeader",
     "Extent",

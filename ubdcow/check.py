@@ -197,13 +197,7 @@ def _scan(
                     holes += (y - x) // SECTOR_SIZE
         if progress is not None:
             progress(count * SECTOR_SIZE)
-    share = 100.0 * written / h.sectors if h.sectors else 0.0
-    report.add(
-        "summary",
-        "info",
-        f"{written} of {h.sectors} sectors written ({share:.1f}%), {holes} of them "
-        "holes in the data area (discarded or zeroed: they read as zeros)",
-    )
+    report.stats.update(sectors=h.sectors, written_sectors=written, hole_sectors=holes)
 
 
 def check(
