@@ -15,7 +15,7 @@ from . import lock as _lock
 from ._io import data_segments, file_size, open_file, pread_into
 from .bitmap import Bitmap, iter_runs
 from .errors import BackingFileError, CorruptHeaderError, UnsupportedVersionError
-from .format import SECTOR_SIZE, CowHeader, read_header_from
+from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, read_header_from
 from .image import mismatch_message, open_backing
 
 __all__ = ["Finding", "CheckReport", "check", "EXIT_CLEAN", "EXIT_FAILED", "EXIT_CORRUPT", "EXIT_BACKING"]
@@ -227,6 +227,13 @@ def check(
                 "info",
                 f"in use by {_lock.describe_holder(pid)} (a running guest?): what it writes "
                 "while the check runs may not be seen",
+            )
+        if h.layout == "v1" and h.byteorder != HOST_ORDER:
+            report.add(
+                "v1-byte-order",
+                "warning",
+                f"this v1 file is {h.byteorder}-endian, but a kernel on this {HOST_ORDER}-endian host reads v1 "
+                "fields in host order and would misread it: convert it to v3",
             )
         if h.sectorsize != SECTOR_SIZE:
             report.add(

@@ -16,7 +16,7 @@ from typing import Any
 from ._atomic import AtomicFile, check_output_path
 from ._io import copy_range, data_segments, pwrite_all
 from .errors import ImageIOError, UnrecordableWriteError
-from .format import SECTOR_SIZE, CowHeader, Layout
+from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, Layout
 from .image import CowFile
 
 __all__ = ["ConvertResult", "convert"]
@@ -46,7 +46,8 @@ def _target_header(src: CowHeader, layout: Layout, alignment: int | None, name: 
         size=src.size,
         sectorsize=src.sectorsize,
         alignment=alignment,
-        byteorder=src.byteorder,
+        # v1 fields are read in the host's order; keep a v1 source's own order
+        byteorder=src.byteorder if src.layout == "v1" else HOST_ORDER,
     )
     target.validate(name)
     try:

@@ -49,6 +49,7 @@ class _Tour:
     def __init__(self, out: Output) -> None:
         self.out = out
         self.failures: list[str] = []
+        self.checks: list[dict[str, object]] = []
 
     def step(self, title: str, command: str | None = None) -> None:
         self.out.line()
@@ -60,6 +61,7 @@ class _Tour:
         self.out.line(f"   {'ok' if ok else 'FAILED'}: {what}")
         if not ok:
             self.failures.append(what)
+        self.checks.append({"check": what, "ok": ok})
 
 
 def _tour(out: Output, folder: str) -> int:
@@ -71,6 +73,7 @@ def _tour(out: Output, folder: str) -> int:
     from .merge import merge
 
     tour = _Tour(out)
+    as_json, out.quiet = out.json, out.quiet or out.json  # with --json, only the summary object is printed
     backing = os.path.join(folder, "backing.img")
     cow = os.path.join(folder, "overlay.cow")
     merged = os.path.join(folder, "merged.img")
@@ -108,10 +111,7 @@ def _tour(out: Output, folder: str) -> int:
 
     tour.step("info: header, backing status, apparent vs allocated size", f"python -m ubdcow info {cow}")
     facts = ubdcow.info(cow)
-    if out.json:
-        out.dump(facts)
-    else:
-        print_info(facts, out)
+    print_info(facts, out)
     tour.verify(facts["cow_sectors"] == 1 + 32 + 128 + 1, "the bitmap records 162 written sectors")
     tour.verify(facts["allocated_size"] < facts["apparent_size"], "the COW file is sparse")
 
@@ -148,6 +148,8 @@ def _tour(out: Output, folder: str) -> int:
         tour.verify(f.read()[:1024] == b"".join(sector_pattern(i) for i in range(2)), "the backing file is unchanged")
 
     out.line()
+    if as_json:
+        out.dump({"folder": folder, "ok": not tour.failures, "checks": tour.checks})
     if tour.failures:
         out.line(f"demo: VERIFICATION FAILED: {'; '.join(tour.failures)}")
         return 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,6 +55,8 @@ SECTOR_SIZE = 512
 MAX_OFFSET = 2**63 - 1
 
 Layout = Literal["v1", "v2", "v3", "v3-broken"]
+#: The byte order the kernel on this host reads v1 headers in.
+HOST_ORDER: Literal["little", "big"] = "little" if sys.byteorder == "little" else "big"
 LAYOUTS: tuple[Layout, ...] = ("v1", "v2", "v3", "v3-broken")
 
 
@@ -271,9 +274,15 @@ def make_header(
     *,
     sectorsize: int = SECTOR_SIZE,
     alignment: int = 4096,
-    byteorder: Literal["little", "big"] = "little",
+    byteorder: Literal["little", "big"] | None = None,
 ) -> CowHeader:
-    """Return a validated header (``byteorder`` only matters for v1)."""
+    """Return a validated header.
+
+    ``byteorder`` only matters for v1, whose fields the kernel reads in the
+    host's order: the default is this host's.
+    """
+    if byteorder is None:
+        byteorder = HOST_ORDER
     raw = os.fsencode(backing_file)
     header = CowHeader(
         layout=layout,

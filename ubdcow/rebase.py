@@ -21,7 +21,7 @@ import numpy as np
 
 from ._io import file_size, open_file, pread_into, pwrite_all
 from .create import absolute_backing_path
-from .errors import BackingFileError, ImageIOError, UnrecordableWriteError
+from .errors import BackingFileError, BackingMismatchError, ImageIOError, UnrecordableWriteError
 from .format import SECTOR_SIZE, CowHeader
 from .image import CowFile, CowImage
 
@@ -132,7 +132,17 @@ def _safe_rebase(
     progress: Callable[[int], Any] | None,
 ) -> RebaseResult:
     copied = 0
-    with CowImage(cow_path, "r+", backing=old_backing, lock=lock) as img:
+    try:
+        img = CowImage(cow_path, "r+", backing=old_backing, lock=lock)
+    except BackingFileError as exc:
+        if isinstance(exc, BackingMismatchError):
+            raise
+        exc.hint = (
+            "a safe rebase reads the current backing file to keep the content: name it with --old-backing PATH "
+            "(old_backing=), or use --unsafe if the new backing file holds the same content"
+        )
+        raise
+    with img:
         cow_fd = img.fds[0]
         cow_stat = os.fstat(cow_fd)
         if (nst.st_dev, nst.st_ino) == (cow_stat.st_dev, cow_stat.st_ino):
