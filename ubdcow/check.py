@@ -48,11 +48,11 @@ class CheckReport:
 
     @property
     def exit_code(self) -> int:
-        """0 clean, 2 corruption, 3 only a backing-file problem."""
-        serious = [f for f in self.findings if f.severity != "info"]
-        if any(f.code not in BACKING_CODES for f in serious):
+        """0 clean (warnings are harmless), 2 corruption, 3 only a backing-file problem."""
+        errors = [f for f in self.findings if f.severity == "error"]
+        if any(f.code not in BACKING_CODES for f in errors):
             return EXIT_CORRUPT
-        return EXIT_BACKING if serious else EXIT_CLEAN
+        return EXIT_BACKING if errors else EXIT_CLEAN
 
     @property
     def status(self) -> str:
@@ -75,7 +75,12 @@ def _span(first: int, count: int) -> str:
 def _check_length(report: CheckReport, h: CowHeader, bitmap: Bitmap, length: int) -> None:
     bitmap_end = h.bitmap_offset + h.bitmap_len
     if length < h.data_offset:
-        where = f"inside the bitmap, which runs to offset {bitmap_end}" if length < bitmap_end else "before its data"
+        if length < h.bitmap_offset:
+            where = f"before its bitmap at offset {h.bitmap_offset}"
+        elif length < bitmap_end:
+            where = f"inside the bitmap, which runs to offset {bitmap_end}"
+        else:
+            where = "before its data"
         report.add(
             "truncated",
             "error",
@@ -92,7 +97,8 @@ def _check_length(report: CheckReport, h: CowHeader, bitmap: Bitmap, length: int
                 f"{lost} written sectors (from sector {first_missing} on) have their data past the end of "
                 f"the file ({length} bytes): truncated; they read as zeros",
             )
-    data_end = h.data_offset + h.sectors * SECTOR_SIZE
+    # the kernel puts sector i at data_offset + 512 i whatever the header's sector size
+    data_end = h.data_offset + -(-h.size // SECTOR_SIZE) * SECTOR_SIZE
     if length > data_end:
         report.add(
             "trailing-data",
@@ -231,7 +237,7 @@ def check(
         if h.layout == "v1" and h.byteorder != HOST_ORDER:
             report.add(
                 "v1-byte-order",
-                "warning",
+                "error",
                 f"this v1 file is {h.byteorder}-endian, but a kernel on this {HOST_ORDER}-endian host reads v1 "
                 "fields in host order and would misread it: convert it to v3",
             )
