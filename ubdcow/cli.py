@@ -293,7 +293,14 @@ def cmd_compare(args: argparse.Namespace, out: Output) -> int:
     from .compare import compare
 
     with Bar(out, min(_disk_size(args.a), _disk_size(args.b)), "compare") as bar:
-        result = compare(args.a, args.b, backing_a=args.backing_a, backing_b=args.backing_b, progress=bar.update)
+        result = compare(
+            args.a,
+            args.b,
+            backing_a=args.backing_a,
+            backing_b=args.backing_b,
+            progress=bar.update,
+            lock=not args.no_lock,
+        )
     if out.json:
         out.dump(result.as_dict())
     elif result.identical:
@@ -329,7 +336,14 @@ def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     from .diff import diff
 
     with Bar(out, _disk_size(args.base), "diff") as bar:
-        result = diff(args.base, args.modified, args.output, overwrite=args.overwrite, progress=bar.update)
+        result = diff(
+            args.base,
+            args.modified,
+            args.output,
+            overwrite=args.overwrite,
+            progress=bar.update,
+            lock=not args.no_lock,
+        )
     if out.json:
         out.dump(result.as_dict())
     else:
@@ -369,6 +383,15 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
 
 
 # -- parser --------------------------------------------------------------------
+def _no_lock(p: argparse.ArgumentParser, kind: str = "read") -> None:
+    p.add_argument(
+        "--no-lock",
+        action="store_true",
+        help=f"DANGEROUS: skip the {kind} lock that keeps a running guest out (you may copy or corrupt an image "
+        "that is changing under you)",
+    )
+
+
 def _common(p: argparse.ArgumentParser, *, json_help: str = "print the result as JSON") -> None:
     p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -431,9 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.add_argument("--no-sparse", action="store_true", help="allocate every byte of the output (no holes)")
-    p.add_argument(
-        "--no-lock", action="store_true", help="DANGEROUS: do not take the read lock that keeps a running guest out"
-    )
+    _no_lock(p)
     _common(p)
     p.set_defaults(func=cmd_merge)
 
@@ -472,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backing-a", metavar="PATH", help="backing file for A if it is a COW file")
     p.add_argument("--backing-b", metavar="PATH", help="backing file for B if it is a COW file")
     _common(p)
+    _no_lock(p)
     p.set_defaults(func=cmd_compare, error_code=2)
 
     p = sub.add_parser(
@@ -486,9 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backing", metavar="NEW", required=True, help="the new backing file")
     p.add_argument("--unsafe", action="store_true", help="rewrite the header only; do not compare the contents")
     p.add_argument("--old-backing", metavar="PATH", help="the current backing file, if not at its recorded path")
-    p.add_argument(
-        "--no-lock", action="store_true", help="DANGEROUS: do not take the write lock that keeps a running guest out"
-    )
+    _no_lock(p, "write")
     _common(p)
     p.set_defaults(func=cmd_rebase)
 
@@ -502,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("modified", metavar="MODIFIED", help="the modified image (raw or COW)")
     p.add_argument("-o", "--output", metavar="COW", required=True, help="the COW file to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _no_lock(p)
     _common(p)
     p.set_defaults(func=cmd_diff)
 
@@ -515,9 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="NEW", required=True, help="the COW file to write")
     p.add_argument("--layout", choices=["v1", "v2", "v3", "v3-broken"], default="v3", help="(default: v3)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument(
-        "--no-lock", action="store_true", help="DANGEROUS: do not take the read lock that keeps a running guest out"
-    )
+    _no_lock(p)
     _common(p)
     p.set_defaults(func=cmd_convert)
 

@@ -40,7 +40,11 @@ class Disk:
 
 
 def open_disk(
-    path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | None = None, check_backing: bool = True
+    path: str | os.PathLike[str],
+    *,
+    backing: str | os.PathLike[str] | None = None,
+    check_backing: bool = True,
+    lock: bool = True,
 ) -> Disk:
     """Open ``path`` as a COW image if it has the COW magic, else as a raw image (read-only)."""
     path = os.fspath(path)
@@ -52,7 +56,7 @@ def open_disk(
         raise ImageIOError(path, f"cannot read: {exc.strerror}") from None
     if head in _MAGICS:
         os.close(fd)
-        img = CowImage(path, "r", backing=backing, check_backing=check_backing)
+        img = CowImage(path, "r", backing=backing, check_backing=check_backing, lock=lock)
         return Disk(path, img.size, img.preadinto, img.close, "cow")
     size = file_size(fd, st)
 
@@ -93,9 +97,10 @@ def compare(
     backing_a: str | os.PathLike[str] | None = None,
     backing_b: str | os.PathLike[str] | None = None,
     progress: Callable[[int], Any] | None = None,
+    lock: bool = True,
 ) -> CompareResult:
     """Compare the content of two disks, streaming windows of both."""
-    with open_disk(a_path, backing=backing_a) as a, open_disk(b_path, backing=backing_b) as b:
+    with open_disk(a_path, backing=backing_a, lock=lock) as a, open_disk(b_path, backing=backing_b, lock=lock) as b:
         common = min(a.size, b.size)
         buf_a, buf_b = bytearray(WINDOW), bytearray(WINDOW)
         pos = 0

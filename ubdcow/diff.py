@@ -47,6 +47,7 @@ def diff(
     *,
     overwrite: bool = False,
     progress: Callable[[int], Any] | None = None,
+    lock: bool = True,
 ) -> DiffResult:
     """Write a v3 COW file on ``base_path`` whose virtual disk equals ``modified_path``.
 
@@ -63,7 +64,7 @@ def diff(
                 base_path, "BASE is a COW file; it must be a raw image (it becomes the backing file)"
             )
         size = file_size(bfd, bst)
-        with open_disk(modified_path) as modified:
+        with open_disk(modified_path, lock=lock) as modified:
             if modified.size != size:
                 raise ImageIOError(modified.path, f"size {modified.size} differs from BASE's {size}: sizes must match")
             mst = os.stat(modified.path)
