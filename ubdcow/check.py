@@ -171,7 +171,7 @@ def _check_backing(
     try:
         fd, path, st, size = open_backing(h, cow_path, cow_stat, backing)
     except BackingFileError as exc:
-        report.add("backing-missing", "error", str(exc))
+        report.add("backing-missing", "error", exc.message if exc.filename == cow_path else str(exc))
         return
     try:
         probe = bytearray(1)

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .errors import UbdCowError
+from .lock import describe_holder
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -110,7 +111,12 @@ def print_info(facts: dict[str, Any], out: Output) -> None:
             f"{facts['layout']} (version {facts['version']}{order}), sector size {facts['sectorsize']}, "
             f"alignment {facts['alignment']}",
         ),
-        ("virtual size", f"{out.size(facts['size'])} ({facts['size']} bytes, {facts['sectors']} sectors)"),
+        (
+            "virtual size",
+            f"{facts['size']} bytes ({facts['sectors']} sectors)"
+            if out.exact
+            else f"{out.size(facts['size'])} ({facts['size']} bytes, {facts['sectors']} sectors)",
+        ),
         ("backing file", facts["backing_file"] or "(none recorded)"),
         ("backing status", status),
         ("recorded mtime", _when(facts["mtime"])),
@@ -120,7 +126,11 @@ def print_info(facts: dict[str, Any], out: Output) -> None:
     if b["exists"] and not b["size_matches"]:
         rows.append(("backing size", f"{b['size']} bytes (header records {facts['size']})"))
     rows += [
-        ("written (COW)", f"{facts['cow_sectors']} sectors, {out.size(facts['cow_bytes'])} ({share:.1f}% of the disk)"),
+        (
+            "written (COW)",
+            f"{facts['cow_sectors']} sectors, {out.size(facts['cow_bytes'])}{' bytes' if out.exact else ''} "
+            f"({share:.1f}% of the disk)",
+        ),
         (
             "bitmap",
             f"{facts['bitmap_len']} bytes at offset {facts['bitmap_offset']}; data area at offset "
@@ -130,7 +140,7 @@ def print_info(facts: dict[str, Any], out: Output) -> None:
             "file size",
             f"{out.size(facts['apparent_size'])} apparent, {out.size(facts['allocated_size'])} allocated on disk",
         ),
-        ("in use", f"yes, locked by process {facts['locked_by']}" if facts["in_use"] else "no"),
+        ("in use", f"yes, locked by {describe_holder(facts['locked_by'])}" if facts["in_use"] else "no"),
     ]
     out.table(rows)
     if b["hint"] and not out.quiet:
@@ -275,17 +285,17 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
             f"{stats['written_sectors']} of {stats['sectors']} sectors written ({share:.1f}%), "
             f"{stats['hole_sectors']} of them holes in the data area (discarded: they read as zeros)"
         )
-    if not report.findings:
-        out.line(f"{args.cow}: clean")
     for f in report.findings:
         out.line(f"{f.severity}: {f.message} [{f.code}]")
-    if report.findings:
-        verdict = {
-            0: "no problems found",
-            2: "corruption found",
-            3: "the image is fine but its backing file does not match: UML would refuse it",
-        }[report.exit_code]
-        out.line(f"{args.cow}: {verdict}")
+    warned = any(f.severity == "warning" for f in report.findings)
+    verdict = {
+        0: "clean" + (" (the warnings above are harmless)" if warned else ""),
+        2: "corruption found",
+        3: "the image is fine, but its backing file is missing or does not match: UML would refuse it",
+    }[report.exit_code]
+    out.line(f"{args.cow}: {verdict}")
+    if report.exit_code == 3 and any(f.code == "backing-mtime" for f in report.findings):
+        out.line(f"hint: if the backing file's content is unchanged: ubdcow rebase --unsafe {args.cow} --backing PATH")
     return report.exit_code
 
 
@@ -327,7 +337,8 @@ def cmd_rebase(args: argparse.Namespace, out: Output) -> int:
     if out.json:
         out.dump(result.as_dict())
     else:
-        copied = "" if result.unsafe else f"; {result.copied_sectors} sectors copied in to keep the content"
+        n = result.copied_sectors
+        copied = "" if result.unsafe else f"; {n} sector{'' if n == 1 else 's'} copied in to keep the content"
         out.line(f"rebased {args.cow} onto {result.backing_file} (mtime {result.mtime}){copied}")
     return EXIT_OK
 
@@ -402,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ubdcow",
         description="Inspect, create and flatten User-Mode Linux copy-on-write (COW) block images.",
-        epilog="Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted. See docs/cli.md.",
+        epilog="Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), "
+        "70 internal error; check and compare have their own (see their --help). See docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"ubdcow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -446,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="OUTPUT",
-        help="the raw image to write (default: COW with its suffix replaced by .img; - for stdout)",
+        help="the raw image to write (default: COW with its suffix replaced by .img); - streams every byte to "
+        "stdout (no temporary file, so --overwrite and --no-sparse do not apply)",
     )
     p.add_argument("--backing", metavar="PATH", help="use this backing file instead of the recorded one")
     p.add_argument(

@@ -75,7 +75,7 @@ def create(
         cow_path,
         overwrite=overwrite,
         inputs={"backing file": bst},
-        hint="use --force (overwrite=True) to replace it with a new, empty COW file",
+        hint="use --force to replace it with a new, empty COW file",
     )
     if overwrite and os.path.exists(cow_path):
         _refuse_if_in_use(cow_path)

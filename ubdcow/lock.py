@@ -127,6 +127,6 @@ def lock(fd: int, filename: str | os.PathLike[str], *, exclusive: bool, what: st
         filename,
         f"{what} is locked by {describe_holder(pid)}; cannot open it for {mode}",
         hint="a running UML guest (or another ubdcow) is using it: shut it down first, "
-        "or pass --no-lock / lock=False if you are sure nothing writes it",
+        "or pass --no-lock if you are sure nothing writes it",
         pid=pid,
     )

@@ -139,7 +139,7 @@ def _safe_rebase(
             raise
         exc.hint = (
             "a safe rebase reads the current backing file to keep the content: name it with --old-backing PATH "
-            "(old_backing=), or use --unsafe if the new backing file holds the same content"
+            "or use --unsafe if the new backing file holds the same content"
         )
         raise
     with img:
