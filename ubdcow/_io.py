@@ -21,6 +21,7 @@ __all__ = [
     "copy_range",
     "fsync_dir",
     "same_file",
+    "mtime_seconds",
 ]
 
 COPY_CHUNK = 1 << 30  # copy_file_range length per call
@@ -207,6 +208,11 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def mtime_seconds(st: os.stat_result) -> int:
+    """Whole-second mtime as the kernel compares it (truncated: the float st_mtime can round up)."""
+    return st.st_mtime_ns // 1_000_000_000
 
 
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:

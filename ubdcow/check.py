@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from . import lock as _lock
-from ._io import data_segments, file_size, open_file, pread_into
+from ._io import data_segments, file_size, mtime_seconds, open_file, pread_into
 from .bitmap import Bitmap, iter_runs
 from .errors import BackingFileError, CorruptHeaderError, UnsupportedVersionError
 from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, read_header_from
@@ -181,7 +181,7 @@ def _check_backing(
         return
     finally:
         os.close(fd)
-    message = mismatch_message(h, size, int(st.st_mtime))
+    message = mismatch_message(h, size, mtime_seconds(st))
     if message is not None:
         code = "backing-size" if size != h.size else "backing-mtime"
         report.add(code, "error", f"{message} {path}: UML will refuse to open this COW file")

@@ -6,7 +6,7 @@ import os
 
 from . import lock as _lock
 from ._atomic import AtomicFile, check_output_path
-from ._io import file_size, open_file, pwrite_all
+from ._io import file_size, mtime_seconds, open_file, pwrite_all
 from .errors import BackingFileError, ImageIOError, ImageLockedError, UbdCowError
 from .format import SECTOR_SIZE, CowHeader, Layout, make_header
 
@@ -67,7 +67,7 @@ def create(
     recorded = absolute_backing_path(backing_path)
     try:
         header = make_header(
-            layout, recorded, int(bst.st_mtime) & 0xFFFFFFFF, size, sectorsize=sectorsize, alignment=alignment
+            layout, recorded, mtime_seconds(bst) & 0xFFFFFFFF, size, sectorsize=sectorsize, alignment=alignment
         )
     except (ValueError, UbdCowError) as exc:
         raise BackingFileError(backing_path, f"cannot record this backing file: {exc}") from None

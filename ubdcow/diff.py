@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
-from ._io import file_size, open_file, pread_into, pwrite_all
+from ._io import file_size, mtime_seconds, open_file, pread_into, pwrite_all
 from .compare import open_disk
 from .create import absolute_backing_path
 from .errors import BackingFileError, ImageIOError
@@ -69,7 +69,7 @@ def diff(
                 raise ImageIOError(modified.path, f"size {modified.size} differs from BASE's {size}: sizes must match")
             mst = os.stat(modified.path)
             check_output_path(output, overwrite=overwrite, inputs={"base image": bst, "modified image": mst})
-            header = make_header("v3", absolute_backing_path(base_path), int(bst.st_mtime) & 0xFFFFFFFF, size)
+            header = make_header("v3", absolute_backing_path(base_path), mtime_seconds(bst) & 0xFFFFFFFF, size)
             with AtomicFile(output, overwrite=overwrite) as out:
                 try:
                     pwrite_all(out.fd, [header.to_bytes()], 0)

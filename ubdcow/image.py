@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 from . import lock as _lock
-from ._io import data_segments, file_size, open_file, pread_into, punch_hole, pwrite_all, same_file
+from ._io import data_segments, file_size, mtime_seconds, open_file, pread_into, punch_hole, pwrite_all, same_file
 from .bitmap import Bitmap
 from .errors import (
     BackingFileError,
@@ -72,7 +72,7 @@ def _mismatch_hint(cow: str, backing: str, header: CowHeader, size: int) -> str:
 
 def check_backing_file(header: CowHeader, cow_path: str, backing_path: str, st: os.stat_result, size: int) -> None:
     """Raise :class:`BackingMismatchError` unless size and whole-second mtime match the header."""
-    message = mismatch_message(header, size, int(st.st_mtime))
+    message = mismatch_message(header, size, mtime_seconds(st))
     if message is not None:
         raise BackingMismatchError(
             cow_path, f"{message} {backing_path}", hint=_mismatch_hint(cow_path, backing_path, header, size)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import lock as _lock
+from ._io import mtime_seconds
 from .errors import BackingFileError
 from .format import CowHeader
 from .image import CowFile, mismatch_message, open_backing
@@ -43,7 +44,7 @@ def backing_status(
         status["hint"] = exc.hint
         return status
     os.close(fd)
-    mtime = int(st.st_mtime)
+    mtime = mtime_seconds(st)
     status.update(
         path=path,
         exists=True,

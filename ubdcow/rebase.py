@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import file_size, open_file, pread_into, pwrite_all
+from ._io import file_size, mtime_seconds, open_file, pread_into, pwrite_all
 from .create import absolute_backing_path
 from .errors import BackingFileError, BackingMismatchError, ImageIOError, UnrecordableWriteError
 from .format import SECTOR_SIZE, CowHeader
@@ -51,7 +51,7 @@ def _new_header(h: CowHeader, cow_path: str, new_path: str, new_stat: os.stat_re
             new_path, f"new backing file is {new_size} bytes but the COW file's disk is {h.size}: sizes must match"
         )
     recorded = absolute_backing_path(new_path)
-    updated = h.replace(backing_file_raw=os.fsencode(recorded), mtime=int(new_stat.st_mtime) & 0xFFFFFFFF)
+    updated = h.replace(backing_file_raw=os.fsencode(recorded), mtime=mtime_seconds(new_stat) & 0xFFFFFFFF)
     try:
         updated.to_bytes()
     except ValueError as exc:
