@@ -27,7 +27,7 @@ from ubdcow.format import read_header
 SECTOR = 512
 SIZE = (1 << 20) + 300  # 2049 sectors, the last one partial
 SECTORS = -(-SIZE // SECTOR)
-TRIALS = 60
+TRIALS = int(os.environ.get("UBDCOW_CRASH_TRIALS", "60"))  # raise it for a longer campaign
 BACKING = -1  # observed/model value: the sector reads from the backing file
 ZERO = -2  # the sector reads as zeros (a write_zeroes)
 MAGIC = b"UBDCOWWR"

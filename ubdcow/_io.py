@@ -18,6 +18,7 @@ __all__ = [
     "pwrite_all",
     "punch_hole",
     "data_segments",
+    "Segments",
     "copy_range",
     "fsync_dir",
     "same_file",
@@ -136,33 +137,52 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
-    """Split ``[start, end)`` of a file into ``(start, end, is_data)`` by SEEK_DATA/SEEK_HOLE.
+class Segments:
+    """Split ranges of a file into data and holes (SEEK_DATA/SEEK_HOLE), remembering the last answer.
 
-    Ranges past EOF are holes. Where the filesystem cannot tell, everything
-    is data.
+    Queries usually move forward through the file; one lseek pair per
+    segment *of the file* answers all the queries that fall inside it. (On
+    ext4 a SEEK_HOLE over dirty, not yet written-back pages scans the page
+    cache to the next hole: once per segment is fine, once per query is
+    quadratic.) Ranges past EOF are holes; where the filesystem cannot tell,
+    everything is data.
     """
-    pos = start
-    while pos < end:
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lo = self.hi = 0  # the known segment [lo, hi)
+        self.is_data = False
+
+    def __call__(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """Yield ``(start, end, is_data)`` pieces covering [start, end)."""
+        pos = start
+        while pos < end:
+            if not self.lo <= pos < self.hi:
+                self._learn(pos)
+            stop = min(end, self.hi)
+            yield pos, stop, self.is_data
+            pos = stop
+
+    def _learn(self, pos: int) -> None:
         try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
+            data = os.lseek(self.fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data at or after pos
-                yield pos, end, False
+                self.lo, self.hi, self.is_data = pos, 2**63, False
                 return
             if exc.errno == errno.EINVAL:  # SEEK_DATA unsupported
-                yield pos, end, True
+                self.lo, self.hi, self.is_data = pos, 2**63, True
                 return
             raise
         if data > pos:
-            yield pos, min(data, end), False
-            pos = data
-            if pos >= end:
-                return
-        hole = os.lseek(fd, pos, os.SEEK_HOLE)
-        hole = min(hole, end)
-        yield pos, hole, True
-        pos = hole
+            self.lo, self.hi, self.is_data = pos, data, False
+        else:
+            self.lo, self.hi, self.is_data = pos, os.lseek(self.fd, pos, os.SEEK_HOLE), True
+
+
+def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """Split ``[start, end)`` of a file into ``(start, end, is_data)`` (a one-off :class:`Segments`)."""
+    return Segments(fd)(start, end)
 
 
 _copy_file_range_ok = hasattr(os, "copy_file_range")

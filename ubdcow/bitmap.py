@@ -175,6 +175,13 @@ class Bitmap:
         if pending is not None:
             yield pending
 
+    def runs_list(self, lo: int, hi: int) -> list[Run]:
+        """:meth:`runs` as a list, quickly for the small ranges of ordinary I/O requests."""
+        if hi - lo <= _SMALL and hi <= self.nbits:
+            buf, base = self._bytes(lo // 8, (hi + 7) // 8)
+            return list(iter_runs(buf, base * 8, lo, hi))
+        return list(self.runs(lo, hi))
+
     def count(self, lo: int = 0, hi: int | None = None) -> int:
         """Number of set (honoured) bits in [lo, hi)."""
         hi = self.nbits if hi is None else hi
@@ -200,12 +207,26 @@ class Bitmap:
         """
         if lo < 0 or hi > self.nbits:
             raise ValueError(f"bits [{lo}, {hi}) outside the bitmap's {self.nbits}")
+        if 0 < hi - lo <= _SMALL and (lo // 8) // CHUNK == ((hi + 7) // 8 - 1) // CHUNK:
+            self._set_small(lo, hi)
+            return
         while lo < hi:
             byte_lo = lo // 8
             byte_hi = min(byte_lo + WINDOW, (hi + 7) // 8)
             w_hi = min(hi, byte_hi * 8)
             self._set_window(byte_lo, byte_hi, lo, w_hi)
             lo = w_hi
+
+    def _set_small(self, lo: int, hi: int) -> None:
+        """set_range for a few bits in one cached chunk, with Python integers."""
+        byte_lo, byte_hi = lo // 8, (hi + 7) // 8
+        buf, base = self._bytes(byte_lo, byte_hi)
+        old = int.from_bytes(buf[byte_lo - base : byte_hi - base], "little")
+        new = old | (((1 << (hi - lo)) - 1) << (lo - 8 * byte_lo))
+        if new != old:
+            data = new.to_bytes(byte_hi - byte_lo, "little")
+            pwrite_all(self.fd, [data], self.offset + byte_lo)
+            self._patch(byte_lo, data)
 
     def _set_window(self, byte_lo: int, byte_hi: int, lo: int, hi: int) -> None:
         buf, base = self._bytes(byte_lo, byte_hi)

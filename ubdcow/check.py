@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from . import lock as _lock
-from ._io import data_segments, file_size, mtime_seconds, open_file, pread_into
+from ._io import Segments, file_size, mtime_seconds, open_file, pread_into
 from .bitmap import Bitmap, iter_runs
 from .errors import BackingFileError, CorruptHeaderError, UnsupportedVersionError
 from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, read_header_from
@@ -192,13 +192,14 @@ def _scan(
 ) -> None:
     """Walk every run of the bitmap: count written sectors and those that are holes (discarded)."""
     written = holes = 0
+    segments = Segments(fd)
     end_of_data = h.data_offset + min(length - h.data_offset, h.sectors * SECTOR_SIZE)
     for first, count, is_set in bitmap.runs(0, h.sectors):
         if is_set:
             written += count
             a = h.data_offset + first * SECTOR_SIZE
             b = min(a + count * SECTOR_SIZE, end_of_data)
-            for x, y, is_data in data_segments(fd, a, b) if b > a else ():
+            for x, y, is_data in segments(a, b):
                 if not is_data:
                     holes += (y - x) // SECTOR_SIZE
         if progress is not None:

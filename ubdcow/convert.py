@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ._atomic import AtomicFile, check_output_path
-from ._io import copy_range, data_segments, pwrite_all
+from ._io import Segments, copy_range, pwrite_all
 from .errors import ImageIOError, UnrecordableWriteError
 from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, Layout
 from .image import CowFile
@@ -98,10 +98,11 @@ def convert(
 def _copy_data(src: CowFile, target: CowHeader, out_fd: int, progress: Callable[[int], Any] | None) -> None:
     """Copy the data of set sectors (holes stay holes), before any bit is written."""
     base = src.header.data_offset
+    segments = Segments(src.fd)
     for start, length, source in src.extents():
         if source == "cow":
             end = min(base + start + length, base + src.header.sectors * SECTOR_SIZE)
-            for a, b, is_data in data_segments(src.fd, base + start, end):
+            for a, b, is_data in segments(base + start, end):
                 if is_data:
                     b = min(b, src.length)
                     if b > a:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 from . import lock as _lock
-from ._io import data_segments, file_size, mtime_seconds, open_file, pread_into, punch_hole, pwrite_all, same_file
+from ._io import Segments, file_size, mtime_seconds, open_file, pread_into, punch_hole, pwrite_all, same_file
 from .bitmap import Bitmap
 from .errors import (
     BackingFileError,
@@ -202,11 +202,12 @@ class CowFile:
     def mapping(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Like :meth:`extents`, with cow runs over holes in the data area split off as "zero"."""
         base = self.header.data_offset
+        segments = Segments(self.fd)
         for start, n, source in self.extents(offset, length):
             if source == "backing":
                 yield Extent(start, n, "backing", start)
                 continue
-            for a, b, is_data in data_segments(self.fd, base + start, base + start + n):
+            for a, b, is_data in segments(base + start, base + start + n):
                 yield Extent(a - base, b - a, "cow" if is_data else "zero", a)
 
 
@@ -352,9 +353,21 @@ class CowImage(io.RawIOBase):
         self._checkClosed()
         if length < 0 or offset < 0:
             raise ValueError("length and offset must be >= 0")
-        buf = bytearray(max(0, min(length, self.size - offset)))
-        n = self._readinto_at(memoryview(buf), offset)
-        del buf[n:]
+        n = min(length, self.size - offset)
+        if n <= 0:
+            return b""
+        with self._mutex:  # fast path: the whole request from one file, in one system call
+            runs = self._bitmap.runs_list(offset >> _SHIFT, (offset + n + SECTOR_SIZE - 1) >> _SHIFT)
+            if len(runs) == 1:
+                fd, at = (self._fd, self._data_offset + offset) if runs[0][2] else (self._bfd, offset)
+                try:
+                    data = os.pread(fd, n, at)
+                except OSError:
+                    data = b""  # the general path reports it
+                if len(data) == n:
+                    return data
+        buf = bytearray(n)
+        self._readinto_at(memoryview(buf), offset)
         return bytes(buf)
 
     def preadinto(self, buffer: memoryview | bytearray, offset: int) -> int:
@@ -461,15 +474,20 @@ class CowImage(io.RawIOBase):
             return 0
         end = offset + n
         with self._mutex:
-            pos = offset
-            for sector, count, is_set in self._bitmap.runs(offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT):
+            runs = self._bitmap.runs_list(offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT)
+            cow_bytes = sum(count for _, count, is_set in runs if is_set) << _SHIFT
+            if len(runs) > 2 and 2 * cow_bytes < n:
+                # mostly backing, in many runs: one read of the backing, then the COW runs over it
+                self._read_backing(view[:n], offset)
+                runs = [run for run in runs if run[2]]
+            for sector, count, is_set in runs:
+                start = max(offset, sector << _SHIFT)
                 stop = min(end, (sector + count) << _SHIFT)
-                chunk = view[pos - offset : stop - offset]
+                chunk = view[start - offset : stop - offset]
                 if is_set:
-                    self._read_cow(chunk, pos)
+                    self._read_cow(chunk, start)
                 else:
-                    self._read_backing(chunk, pos)
-                pos = stop
+                    self._read_backing(chunk, start)
         return n
 
     def _read_cow(self, chunk: memoryview, pos: int) -> None:

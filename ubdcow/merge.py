@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
-from ._io import data_segments, pread_into, pwrite_all
+from ._io import Segments, pread_into, pwrite_all
 from .errors import ImageIOError
 from .image import CowImage
 
@@ -101,6 +101,13 @@ class _Copier:
         pwrite_all(self.out_fd, [data], dst_off)
         self.written += len(data)
 
+    def write_buffer(self, dst_off: int, n: int) -> None:
+        """Write ``buf[:n]`` at ``dst_off`` (all-zero blocks left as holes when sparse)."""
+        runs = _nonzero_runs(self.buf, n, dst_off % BLOCK) if self.sparse else [(0, n)]
+        for a, b in runs:
+            pwrite_all(self.out_fd, [self.view[a:b]], dst_off + a)
+            self.written += b - a
+
     def _copy_whole(self, src: int, src_off: int, dst_off: int, length: int, src_name: str) -> None:
         pos = 0
         while pos < length:
@@ -124,63 +131,121 @@ def _nonzero_runs(buf: bytearray, n: int, phase: int) -> list[tuple[int, int]]:
 
     Blocks are :data:`BLOCK` bytes aligned to the output; ``phase`` is the
     output offset of ``buf[0]`` modulo BLOCK. Partial blocks at either end
-    are written unless entirely zero.
+    are written unless entirely zero; a piece of two blocks or less is
+    written whole unless entirely zero.
     """
-    head = (BLOCK - phase) % BLOCK
-    head = min(head, n)
+    if n <= 2 * BLOCK:
+        return [] if buf.count(0, 0, n) == n else [(0, n)]
+    head = min((BLOCK - phase) % BLOCK, n)
     k = (n - head) // BLOCK
-    tail_start = head + k * BLOCK
-    mask = np.empty(k + 2, dtype=bool)  # [head, blocks..., tail]
-    mask[0] = head > 0 and any(buf[:head])
-    mask[-1] = tail_start < n and any(buf[tail_start:n])
-    if k:
-        words = np.frombuffer(buf, dtype=np.uint64, count=k * (BLOCK // 8), offset=head).reshape(k, BLOCK // 8)
-        nonzero = words[:, 0] != 0  # most data blocks show themselves in their first word
-        maybe_zero = np.flatnonzero(~nonzero)
-        if maybe_zero.size:
-            nonzero[maybe_zero] = words[maybe_zero].any(axis=1)
-        mask[1:-1] = nonzero
-    if mask.all():
+    tail = head + k * BLOCK
+    keep = np.empty(k + 2, dtype=bool)  # [head piece, k blocks, tail piece]
+    keep[0] = head > 0 and buf.count(0, 0, head) != head
+    keep[-1] = tail < n and buf.count(0, tail, n) != n - tail
+    words = np.frombuffer(buf, dtype=np.uint64, count=k * (BLOCK // 8), offset=head).reshape(k, BLOCK // 8)
+    nonzero = words[:, 0] != 0  # most data blocks show themselves in their first word
+    maybe_zero = np.flatnonzero(~nonzero)
+    if maybe_zero.size:
+        nonzero[maybe_zero] = words[maybe_zero].any(axis=1)
+    keep[1:-1] = nonzero
+    if keep.all():
         return [(0, n)]
-    if not mask.any():
-        return []
-    # ranges: index 0 -> [0, head); 1..k -> blocks; k+1 -> [tail_start, n)
-    starts = [0] + [head + i * BLOCK for i in range(k)] + [tail_start]
-    ends = [head] + [head + (i + 1) * BLOCK for i in range(k)] + [n]
-    runs: list[tuple[int, int]] = []
-    for keep, a, b in zip(mask.tolist(), starts, ends, strict=True):
-        if not keep or a == b:
-            continue
-        if runs and runs[-1][1] == a:
-            runs[-1] = (runs[-1][0], b)
-        else:
-            runs.append((a, b))
-    return runs
+    bounds = np.concatenate(([0], head + BLOCK * np.arange(k + 1), [n]))  # piece i is [bounds[i], bounds[i+1])
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.view(np.int8), [0]))))
+    return [
+        (int(bounds[a]), int(bounds[b])) for a, b in zip(edges[::2], edges[1::2], strict=True) if bounds[b] > bounds[a]
+    ]
+
+
+class _Batch:
+    """Short runs in a row, merged in memory: one read of the backing, one read per COW run, one write."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, int, str]] = []
+
+    @property
+    def start(self) -> int:
+        return self.runs[0][0]
+
+    @property
+    def end(self) -> int:
+        return self.runs[-1][0] + self.runs[-1][1]
 
 
 def _copy_image(img: CowImage, out_fd: int, *, sparse: bool, progress: Progress | None) -> tuple[int, int, int]:
-    """Copy the virtual disk into ``out_fd`` (already ``size`` long and zero); returns (cow, backing, written)."""
-    cow_fd, backing_fd = img.fds
-    base = img.header.data_offset
+    """Copy the virtual disk into ``out_fd`` (already ``size`` long and zero); returns (cow, backing, written).
+
+    Long runs are copied from their file range by range (holes skipped);
+    runs shorter than :data:`CHUNK` are gathered into batches of up to
+    CHUNK bytes and assembled in memory, so that a fragmented bitmap costs a
+    few system calls per MiB rather than a few per run.
+    """
     copier = _Copier(out_fd, sparse)
-    cow_bytes = backing_bytes = 0
+    cow_segments, backing_segments = Segments(img.fds[0]), Segments(img.fds[1])
+    totals = {"cow": 0, "backing": 0}
+    batch = _Batch()
+
+    def flush() -> None:
+        if len(batch.runs) == 1:
+            _copy_run(img, copier, *batch.runs[0], cow_segments, backing_segments)
+        elif batch.runs:
+            _copy_batch(img, copier, batch)
+        if batch.runs and progress is not None:
+            progress(batch.end - batch.start)
+        batch.runs.clear()
+
     for start, length, source in img.extents():
-        if source == "cow":
-            src, src_base, name = cow_fd, base, img.name
-            cow_bytes += length
-        else:
-            src, src_base, name = backing_fd, 0, img.backing_name
-            backing_bytes += length
-        # past the end of a file is a hole: a set bit past the COW's end, or a
-        # backing smaller than the disk (accepted with force), reads as zeros
-        for a, b, is_data in data_segments(src, src_base + start, src_base + start + length):
-            if is_data:
-                copier.copy(src, a, a - src_base, b - a, name)
+        totals[source] += length
+        if length >= CHUNK:
+            flush()
+            _copy_run(img, copier, start, length, source, cow_segments, backing_segments)
             if progress is not None:
-                progress(b - a)
-        if source == "backing":
-            _backing_still_covers(img, min(start + length, img.backing_size))
-    return cow_bytes, backing_bytes, copier.written
+                progress(length)
+            continue
+        if batch.runs and start + length - batch.start > CHUNK:
+            flush()
+        batch.runs.append((start, length, source))
+    flush()
+    return totals["cow"], totals["backing"], copier.written
+
+
+def _copy_run(
+    img: CowImage,
+    copier: _Copier,
+    start: int,
+    length: int,
+    source: str,
+    cow_segments: Segments,
+    backing_segments: Segments,
+) -> None:
+    """Copy one run from its file, skipping the file's holes (past a file's end is a hole: zeros)."""
+    if source == "cow":
+        src, base, name, segments = img.fds[0], img.header.data_offset, img.name, cow_segments
+    else:
+        src, base, name, segments = img.fds[1], 0, img.backing_name, backing_segments
+    for a, b, is_data in segments(base + start, base + start + length):
+        if is_data:
+            copier.copy(src, a, a - base, b - a, name)
+    if source == "backing":
+        _backing_still_covers(img, min(start + length, img.backing_size))
+
+
+def _copy_batch(img: CowImage, copier: _Copier, batch: _Batch) -> None:
+    """Assemble a batch of short runs in the copier's buffer and write what is not zero."""
+    cow_fd, backing_fd = img.fds
+    first, n = batch.start, batch.end - batch.start
+    view = copier.view[:n]
+    in_backing = max(0, min(n, img.backing_size - first))  # a smaller backing (force) reads as zeros
+    got = pread_into(backing_fd, view[:in_backing], first)
+    if got < in_backing:
+        raise _short_read(img.backing_name, first + got)
+    view[in_backing:] = bytes(n - in_backing)
+    for start, length, source in batch.runs:
+        if source == "cow":
+            part = view[start - first : start - first + length]
+            got = pread_into(cow_fd, part, img.header.data_offset + start)
+            part[got:] = bytes(length - got)  # a set bit past the COW file's end reads as zeros
+    copier.write_buffer(first, n)
 
 
 def _backing_still_covers(img: CowImage, end: int) -> None:

@@ -1,0 +1,1 @@
+"""ubdcow benchmarks (pytest-benchmark): run with `make bench`; see README.md."""

@@ -1,0 +1,271 @@
+"""Engine throughput against raw positional I/O on a plain file of the same size, page cache warm.
+
+The COW file has 10% of its 4 KiB blocks written (see conftest.dense). The
+raw reference reads the backing file itself (a plain file of the same size)
+with ``os.preadv``; both sides use the same seeded offsets and the same
+Python loop shape, so the ratio is the engine's cost per call.
+
+Targets (asserted at full size): 4 KiB random ``pread`` >= 0.25x raw
+throughput; 1 MiB sequential ``readinto`` >= 0.8x. 4 KiB random ``pwrite``
+against ``os.pwritev`` is reported only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ubdcow
+
+from .conftest import (
+    BLOCK,
+    OPS,
+    SEED,
+    SIZE,
+    DenseImage,
+    Measure,
+    MiB,
+    Results,
+    check_ratios,
+    remove,
+    settle,
+)
+
+RANDREAD = pytest.mark.benchmark(group="engine: 4 KiB random reads")
+SEQREAD = pytest.mark.benchmark(group="engine: 1 MiB sequential reads")
+RANDWRITE = pytest.mark.benchmark(group="engine: 4 KiB random writes")
+
+
+def _offsets(seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    offsets: list[int] = (rng.integers(0, SIZE // BLOCK, size=OPS, dtype=np.int64) * BLOCK).tolist()
+    return offsets
+
+
+READ_OFFSETS = _offsets(SEED + 10)
+WRITE_OFFSETS = _offsets(SEED + 11)
+
+
+def _expected_block(dense: DenseImage, offset: int) -> bytes:
+    """A 4 KiB block of the virtual disk, read straight from the files."""
+    block = offset // BLOCK
+    i = np.searchsorted(dense.dirty_blocks, block)
+    dirty = i < len(dense.dirty_blocks) and dense.dirty_blocks[i] == block
+    path, pos = (dense.cow, dense.header.data_offset + offset) if dirty else (dense.backing, offset)
+    with open(path, "rb") as f:
+        f.seek(pos)
+        return f.read(BLOCK)
+
+
+# -- (a) 4 KiB random reads -----------------------------------------------------
+
+
+@RANDREAD
+def test_randread_raw(measure: Measure, dense: DenseImage) -> None:
+    fd = os.open(dense.backing, os.O_RDONLY)
+    try:
+        bufs = [bytearray(BLOCK)]
+        preadv = os.preadv
+        offsets = READ_OFFSETS
+
+        def run() -> None:
+            for off in offsets:
+                preadv(fd, bufs, off)
+
+        measure("engine.randread.raw_preadv", run)
+    finally:
+        os.close(fd)
+
+
+@RANDREAD
+def test_randread_ubdcow_pread(measure: Measure, dense: DenseImage) -> None:
+    with ubdcow.open(dense.cow, backing=dense.backing) as img:
+        for off in READ_OFFSETS[:200]:  # correctness, untimed
+            assert img.pread(BLOCK, off) == _expected_block(dense, off)
+        pread = img.pread
+        offsets = READ_OFFSETS
+
+        def run() -> None:
+            for off in offsets:
+                pread(BLOCK, off)
+
+        measure("engine.randread.ubdcow_pread", run)
+
+
+@RANDREAD
+def test_randread_ubdcow_preadinto(measure: Measure, dense: DenseImage) -> None:
+    """Informational: the same reads into a reused buffer (no bytes object per call)."""
+    with ubdcow.open(dense.cow, backing=dense.backing) as img:
+        buf = bytearray(BLOCK)
+        preadinto = img.preadinto
+        offsets = READ_OFFSETS
+
+        def run() -> None:
+            for off in offsets:
+                preadinto(buf, off)
+
+        measure("engine.randread.ubdcow_preadinto", run)
+
+
+# -- (b) 1 MiB sequential reads over the whole disk ------------------------------
+
+
+@SEQREAD
+def test_seqread_raw(measure: Measure, dense: DenseImage) -> None:
+    fd = os.open(dense.backing, os.O_RDONLY)
+    try:
+        bufs = [bytearray(MiB)]
+        preadv = os.preadv
+        total = 0
+
+        def run() -> None:
+            nonlocal total
+            pos = 0
+            while n := preadv(fd, bufs, pos):
+                pos += n
+            total = pos
+
+        measure("engine.seqread.raw_preadv", run)
+        assert total == SIZE
+    finally:
+        os.close(fd)
+
+
+@SEQREAD
+def test_seqread_ubdcow_readinto(measure: Measure, dense: DenseImage) -> None:
+    with ubdcow.open(dense.cow, backing=dense.backing) as img:
+        view = memoryview(bytearray(MiB))
+        readinto = img.readinto
+        total = 0
+
+        def run() -> None:
+            nonlocal total
+            img.seek(0)
+            pos = 0
+            while n := readinto(view):
+                pos += n
+            total = pos
+
+        measure("engine.seqread.ubdcow_readinto", run)
+        assert total == SIZE
+
+
+# -- (c) 4 KiB random writes -------------------------------------------------------
+
+
+class _Fresh:
+    """Per-round setup: a fresh output (untimed), closing and removing the previous one first."""
+
+    def __init__(self, path: Path, open_fn: Callable[[], Any]) -> None:
+        self.path = path
+        self.open_fn = open_fn
+        self.handle: Any = None
+
+    def setup(self) -> None:
+        self.close()
+        remove(self.path)
+        settle()
+        self.handle = self.open_fn()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            h, self.handle = self.handle, None
+            if isinstance(h, int):
+                os.close(h)
+            else:
+                h.close()  # CowImage.close fsyncs: untimed
+
+
+@RANDWRITE
+def test_randwrite_raw(measure: Measure, dense: DenseImage, bench_dir: Path) -> None:
+    data = np.random.default_rng(SEED + 12).bytes(BLOCK)
+    path = bench_dir / "plain-write.img"
+
+    def open_plain() -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        os.ftruncate(fd, SIZE)  # a fresh sparse file, like a fresh COW data area
+        return fd
+
+    fresh = _Fresh(path, open_plain)
+    pwritev = os.pwritev
+    bufs = [data]
+    offsets = WRITE_OFFSETS
+
+    def run() -> None:
+        fd = fresh.handle
+        for off in offsets:
+            pwritev(fd, bufs, off)
+
+    try:
+        measure("engine.randwrite.raw_pwritev", run, setup=fresh.setup)
+    finally:
+        fresh.close()
+        remove(path)
+
+
+@RANDWRITE
+def test_randwrite_ubdcow_pwrite(measure: Measure, dense: DenseImage, bench_dir: Path) -> None:
+    data = np.random.default_rng(SEED + 12).bytes(BLOCK)
+    path = bench_dir / "write.cow"
+
+    def open_cow() -> ubdcow.CowImage:
+        ubdcow.create(path, dense.backing)
+        return ubdcow.open(path, "r+", backing=dense.backing)
+
+    fresh = _Fresh(path, open_cow)
+    offsets = WRITE_OFFSETS
+
+    def run() -> None:
+        pwrite = fresh.handle.pwrite
+        for off in offsets:
+            pwrite(data, off)
+
+    try:
+        measure("engine.randwrite.ubdcow_pwrite", run, setup=fresh.setup)
+        img = fresh.handle
+        assert isinstance(img, ubdcow.CowImage)
+        for off in offsets[:100]:
+            assert img.pread(BLOCK, off) == data
+        assert img.count_cow_sectors() == len(set(offsets)) * (BLOCK // 512)
+    finally:
+        fresh.close()
+        remove(path)
+
+
+# -- ratios ------------------------------------------------------------------------
+
+
+def test_engine_ratios(results: Results, pytestconfig: pytest.Config) -> None:
+    """ubdcow throughput / raw throughput for the same operations (min of N rounds on each side)."""
+    rows = [
+        results.throughput_ratio(
+            "engine: 4K random pread / raw preadv (throughput)",
+            "engine.randread.ubdcow_pread",
+            "engine.randread.raw_preadv",
+            ">=",
+            0.25,
+        ),
+        results.throughput_ratio(
+            "engine: 4K random preadinto / raw preadv (throughput)",
+            "engine.randread.ubdcow_preadinto",
+            "engine.randread.raw_preadv",
+        ),
+        results.throughput_ratio(
+            "engine: 1M sequential readinto / raw preadv (throughput)",
+            "engine.seqread.ubdcow_readinto",
+            "engine.seqread.raw_preadv",
+            ">=",
+            0.8,
+        ),
+        results.throughput_ratio(
+            "engine: 4K random pwrite / raw pwritev (throughput)",
+            "engine.randwrite.ubdcow_pwrite",
+            "engine.randwrite.raw_pwritev",
+        ),
+    ]
+    check_ratios(pytestconfig, rows)

@@ -1,0 +1,79 @@
+"""The bitmap layer against a plain Python model of bits (LSB first), across window and chunk edges."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ubdcow import bitmap as bm
+from ubdcow.bitmap import Bitmap, iter_runs, popcount
+
+
+def model_runs(bits: list[int], lo: int, hi: int) -> list[tuple[int, int, bool]]:
+    runs: list[tuple[int, int, bool]] = []
+    for i in range(lo, hi):
+        value = bool(bits[i])
+        if runs and runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, value)
+        else:
+            runs.append((i, 1, value))
+    return runs
+
+
+def bits_of(data: bytes) -> list[int]:
+    return [(data[i // 8] >> (i % 8)) & 1 for i in range(8 * len(data))]
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=1, max_size=700), st.data())
+def test_iter_runs_and_popcount_match_the_model(data, draw):
+    bits = bits_of(data)
+    lo = draw.draw(st.integers(0, len(bits) - 1))
+    hi = draw.draw(st.integers(lo, len(bits)))
+    assert list(iter_runs(data, 0, lo, hi)) == model_runs(bits, lo, hi)
+    assert popcount(data, 0, lo, hi) == sum(bits[lo:hi])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_file_bitmap_runs_count_and_set_range(data):
+    # tiny windows and chunks so that a small bitmap crosses many of them
+    old = (bm.WINDOW, bm.CHUNK, bm.CACHE_CHUNKS)
+    bm.WINDOW, bm.CHUNK, bm.CACHE_CHUNKS = 7, 5, 2
+    try:
+        nbytes = data.draw(st.integers(1, 80))
+        content = bytearray(data.draw(st.binary(min_size=nbytes, max_size=nbytes)))
+        nbits = data.draw(st.integers(1, 8 * nbytes))
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "bits")
+            offset = 13
+            with open(path, "wb") as f:
+                f.write(b"H" * offset + bytes(content) + b"T" * 9)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                bitmap = Bitmap(fd, offset, nbytes, nbits)
+                for _ in range(data.draw(st.integers(1, 6))):
+                    model = bits_of(bytes(content))[:nbits]
+                    lo = data.draw(st.integers(0, nbits - 1))
+                    hi = data.draw(st.integers(lo, nbits))
+                    assert list(bitmap.runs(lo, hi)) == model_runs(model, lo, hi)
+                    assert bitmap.runs_list(lo, hi) == model_runs(model, lo, hi)
+                    assert bitmap.count(lo, hi) == sum(model[lo:hi])
+                    assert bitmap.test(lo) == bool(model[lo])
+                    a = data.draw(st.integers(0, nbits - 1))
+                    b = data.draw(st.integers(a, nbits))
+                    bitmap.set_range(a, b)
+                    for i in range(a, b):
+                        content[i // 8] |= 1 << (i % 8)
+                    with open(path, "rb") as f:
+                        on_disk = f.read()
+                    assert on_disk == b"H" * offset + bytes(content) + b"T" * 9  # nothing outside the bitmap
+                # bits past nbits read as clear, and runs past the bitmap's end are clear
+                assert list(bitmap.runs(0, nbits + 5))[-1][2] is False
+            finally:
+                os.close(fd)
+    finally:
+        bm.WINDOW, bm.CHUNK, bm.CACHE_CHUNKS = old
