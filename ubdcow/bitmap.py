@@ -182,6 +182,16 @@ class Bitmap:
             return list(iter_runs(buf, base * 8, lo, hi))
         return list(self.runs(lo, hi))
 
+    def bits(self, lo: int, hi: int) -> np.ndarray:
+        """The bits of sectors [lo, hi) as a bool array (at most one window's worth; clear past ``nbits``)."""
+        out = np.zeros(hi - lo, dtype=bool)
+        top = min(hi, self.nbits)
+        if lo < top:
+            buf, base = self._bytes(lo // 8, (top + 7) // 8)
+            arr = np.frombuffer(buf, dtype=np.uint8, count=(top + 7) // 8 - lo // 8, offset=lo // 8 - base)
+            out[: top - lo] = np.unpackbits(arr, bitorder="little")[lo % 8 : lo % 8 + top - lo].view(bool)
+        return out
+
     def count(self, lo: int = 0, hi: int | None = None) -> int:
         """Number of set (honoured) bits in [lo, hi)."""
         hi = self.nbits if hi is None else hi

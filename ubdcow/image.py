@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import errno
 import io
+import mmap
 import os
 import threading
 from collections.abc import Iterator
 from typing import Literal, NamedTuple
+
+import numpy as np
 
 from . import lock as _lock
 from ._io import Segments, file_size, mtime_seconds, open_file, pread_into, punch_hole, pwrite_all, same_file
@@ -33,6 +36,9 @@ __all__ = ["CowFile", "CowImage", "Extent", "open", "open_backing", "check_backi
 Source = Literal["cow", "backing", "zero"]
 _SHIFT = 9  # log2(SECTOR_SIZE)
 _ZERO_CHUNK = 8 << 20
+# reads of whole sectors between these sizes may take the numpy overlay path
+_OVERLAY_MIN = 64 << 10
+_OVERLAY_MAX = 16 << 20
 
 
 class Extent(NamedTuple):
@@ -262,6 +268,26 @@ class CowImage(io.RawIOBase):
             check_backing_file(header, self.name, self.backing_name, bst, self._backing_size)
         if lock and writable:
             _lock.lock(self._bfd, self.backing_name, exclusive=False, what="backing file")
+        self._map_cow(cow.length if lock else 0)
+
+    def _map_cow(self, length: int) -> None:
+        """Map the COW file read-only, so that many small COW runs in a read cost no system calls.
+
+        Only while we hold its lock: a page of a mapping that someone truncates
+        away faults (SIGBUS), and the lock is what keeps writers out. Reads past
+        the mapped length (the file grew) use pread.
+        """
+        self._map: mmap.mmap | None = None
+        self._mapv: memoryview | None = None
+        self._map_len = 0
+        if length <= 0:
+            return
+        try:
+            self._map = mmap.mmap(self._fd, length, prot=mmap.PROT_READ)
+        except (OSError, ValueError, OverflowError):
+            return  # e.g. no address space for it: pread does the job
+        self._mapv = memoryview(self._map)
+        self._map_len = length
 
     # -- io.RawIOBase ------------------------------------------------------
     def readable(self) -> bool:
@@ -335,6 +361,12 @@ class CowImage(io.RawIOBase):
             super().close()
 
     def _close_fds(self) -> None:
+        if getattr(self, "_mapv", None) is not None:
+            self._mapv.release()  # type: ignore[union-attr]
+            self._mapv = None
+        if getattr(self, "_map", None) is not None:
+            self._map.close()  # type: ignore[union-attr]
+            self._map = None
         cow = getattr(self, "_cow", None)
         if cow is not None:
             cow.close()  # closing the description drops its OFD lock
@@ -474,6 +506,8 @@ class CowImage(io.RawIOBase):
             return 0
         end = offset + n
         with self._mutex:
+            if n >= _OVERLAY_MIN and not (offset | n) & (SECTOR_SIZE - 1) and self._overlay(view, offset, n):
+                return n
             runs = self._bitmap.runs_list(offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT)
             cow_bytes = sum(count for _, count, is_set in runs if is_set) << _SHIFT
             if len(runs) > 2 and 2 * cow_bytes < n:
@@ -490,7 +524,28 @@ class CowImage(io.RawIOBase):
                     self._read_backing(chunk, start)
         return n
 
+    def _overlay(self, view: memoryview, offset: int, n: int) -> bool:
+        """Whole-sector read of a mostly-backing range: the backing in one read, the COW sectors copied
+        over it from the mapped COW file with one numpy operation. False if it does not apply."""
+        at = self._data_offset + offset
+        if self._map is None or at + n > self._map_len or n > _OVERLAY_MAX:
+            return False
+        bits = self._bitmap.bits(offset >> _SHIFT, (offset + n) >> _SHIFT)
+        dirty = np.flatnonzero(bits)
+        if 2 * dirty.size > bits.size:
+            return False
+        self._read_backing(view[:n], offset)
+        if dirty.size:
+            dst = np.frombuffer(view, dtype=np.uint8, count=n).reshape(-1, SECTOR_SIZE)
+            src = np.frombuffer(self._map, dtype=np.uint8, count=n, offset=at).reshape(-1, SECTOR_SIZE)
+            dst[dirty] = src[dirty]
+        return True
+
     def _read_cow(self, chunk: memoryview, pos: int) -> None:
+        at = self._data_offset + pos
+        if self._mapv is not None and at + len(chunk) <= self._map_len:
+            chunk[:] = self._mapv[at : at + len(chunk)]
+            return
         try:
             got = pread_into(self._fd, chunk, self._data_offset + pos)
         except OSError as exc:
