@@ -118,17 +118,25 @@ def pwrite_all(fd: int, buffers: list[memoryview | bytes], offset: int) -> int:
 _libc: ctypes.CDLL | None = None
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _c() -> ctypes.CDLL:
+    """libc, with the prototypes of the calls os does not offer (fallocate modes, sync_file_range)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if hasattr(_libc, "sync_file_range"):
+            _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return _libc
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate a byte range (reads as zeros afterwards); False if unsupported here."""
-    global _libc
     if length <= 0:
         return True
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    rc = _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    rc = _c().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
     if rc == 0:
         return True
     err = ctypes.get_errno()
@@ -178,6 +186,17 @@ class Segments:
             self.lo, self.hi, self.is_data = pos, data, False
         else:
             self.lo, self.hi, self.is_data = pos, os.lseek(self.fd, pos, os.SEEK_HOLE), True
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk without waiting (sync_file_range), where Linux can.
+
+    A long copy that kicks write-back as it goes leaves little for the final
+    fsync to wait for. Advisory: errors are ignored.
+    """
+    libc = _c()
+    if hasattr(libc, "sync_file_range"):
+        libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:

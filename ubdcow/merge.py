@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
-from ._io import Segments, pread_into, pwrite_all
+from ._io import Segments, pread_into, pwrite_all, start_writeback
 from .errors import ImageIOError
 from .image import CowImage
 
@@ -26,6 +26,7 @@ __all__ = ["MergeResult", "merge", "stream", "default_output"]
 
 CHUNK = 1 << 20  # read/zero-check granularity (fits in cache, so the copy that follows is cheap)
 BLOCK = 4096  # hole granularity in the output
+WRITEBACK = 32 << 20  # start write-back of the output after this many bytes
 
 Progress = Callable[[int], Any]
 
@@ -61,6 +62,14 @@ class _Copier:
         self.view = memoryview(self.buf)
         self.written = 0
         self._cfr = hasattr(os, "copy_file_range")
+        self._kicked = 0  # bytes written when write-back was last started
+
+    def wrote(self, n: int) -> None:
+        """Count written bytes; every WRITEBACK bytes, start write-back so the final fsync is short."""
+        self.written += n
+        if self.written - self._kicked >= WRITEBACK:
+            start_writeback(self.out_fd)
+            self._kicked = self.written
 
     def copy(self, src: int, src_off: int, dst_off: int, length: int, src_name: str) -> None:
         if not self.sparse:
@@ -93,20 +102,20 @@ class _Copier:
                     raise
                 self._cfr = False
             if done:
-                self.written += done
+                self.wrote(done)
                 data = data[done:]
                 dst_off += done
             if not len(data):
                 return
         pwrite_all(self.out_fd, [data], dst_off)
-        self.written += len(data)
+        self.wrote(len(data))
 
     def write_buffer(self, dst_off: int, n: int) -> None:
         """Write ``buf[:n]`` at ``dst_off`` (all-zero blocks left as holes when sparse)."""
         runs = _nonzero_runs(self.buf, n, dst_off % BLOCK) if self.sparse else [(0, n)]
         for a, b in runs:
             pwrite_all(self.out_fd, [self.view[a:b]], dst_off + a)
-            self.written += b - a
+            self.wrote(b - a)
 
     def _copy_whole(self, src: int, src_off: int, dst_off: int, length: int, src_name: str) -> None:
         pos = 0
