@@ -72,9 +72,7 @@ class _Copier:
             self._kicked = self.written
 
     def copy(self, src: int, src_off: int, dst_off: int, length: int, src_name: str) -> None:
-        if not self.sparse:
-            self._copy_whole(src, src_off, dst_off, length, src_name)
-            return
+        """Copy a data range of ``src`` a chunk at a time (all-zero blocks skipped when sparse)."""
         pos = 0
         while pos < length:
             n = min(CHUNK, length - pos)
@@ -84,7 +82,8 @@ class _Copier:
             got = pread_into(src, view, src_off + pos)
             if got < n:
                 raise _short_read(src_name, src_off + pos + got)
-            for a, b in _nonzero_runs(self.buf, n, (dst_off + pos) % BLOCK):
+            runs = _nonzero_runs(self.buf, n, (dst_off + pos) % BLOCK) if self.sparse else [(0, n)]
+            for a, b in runs:
                 self._write(src, src_off + pos + a, dst_off + pos + a, view[a:b])
             pos += n
 
@@ -116,17 +115,6 @@ class _Copier:
         for a, b in runs:
             pwrite_all(self.out_fd, [self.view[a:b]], dst_off + a)
             self.wrote(b - a)
-
-    def _copy_whole(self, src: int, src_off: int, dst_off: int, length: int, src_name: str) -> None:
-        pos = 0
-        while pos < length:
-            n = min(CHUNK, length - pos)
-            view = self.view[:n]
-            got = pread_into(src, view, src_off + pos)
-            if got < n:
-                raise _short_read(src_name, src_off + pos + got)
-            self._write(src, src_off + pos, dst_off + pos, view)
-            pos += n
 
 
 def _short_read(name: str, offset: int) -> ImageIOError:
