@@ -3,7 +3,7 @@
 A 1 TiB virtual disk (a 256 MiB bitmap) on a sparse backing file, with
 written sectors scattered over the whole disk, is merged, checked, mapped and
 counted by ``info`` in child processes whose peak RSS is read back from
-``getrusage``. The reference is the RSS of a child that only imports
+``/proc/self/status`` (VmHWM). The reference is the RSS of a child that only imports
 ubdcow, measured in the same run.
 """
 
@@ -27,9 +27,12 @@ LIMIT = 100 << 20
 
 def peak_rss(code: str) -> int:
     """Peak RSS in bytes of a fresh interpreter running ``code``."""
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over execve, so a child of a big
+    # pytest process would report the parent's size
     script = (
-        f"{code}\nimport resource, json\n"
-        "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))"
+        f"{code}\nimport json, re\n"
+        "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())\n"
+        "print(json.dumps(int(hwm.group(1)) * 1024))"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]

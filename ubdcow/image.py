@@ -525,20 +525,20 @@ class CowImage(io.RawIOBase):
         return n
 
     def _overlay(self, view: memoryview, offset: int, n: int) -> bool:
-        """Whole-sector read of a mostly-backing range: the backing in one read, then the COW runs copied
-        over it from the mapped COW file (no system call each). False if it does not apply."""
+        """Whole-sector read of a mostly-backing range: the backing in one read, then the COW sectors
+        copied over it from the mapped COW file in one numpy operation (no system call per run).
+        False if it does not apply."""
         at = self._data_offset + offset
-        mapv = self._mapv
-        if mapv is None or at + n > self._map_len or n > _OVERLAY_MAX:
+        if self._map is None or at + n > self._map_len or n > _OVERLAY_MAX:
             return False
-        bits = self._bitmap.bits(offset >> _SHIFT, (offset + n) >> _SHIFT)
-        edges = np.flatnonzero(np.diff(bits, prepend=False, append=False)).tolist()
-        starts, stops = edges[::2], edges[1::2]  # runs of set bits, in sectors from offset
-        if 2 * (sum(stops) - sum(starts)) > bits.size:
+        dirty = np.flatnonzero(self._bitmap.bits(offset >> _SHIFT, (offset + n) >> _SHIFT))
+        if 2 * dirty.size > n >> _SHIFT:
             return False
         self._read_backing(view[:n], offset)
-        for a, b in zip(starts, stops, strict=True):
-            view[a << _SHIFT : b << _SHIFT] = mapv[at + (a << _SHIFT) : at + (b << _SHIFT)]
+        if dirty.size:
+            dst = np.frombuffer(view, dtype=np.uint8, count=n).reshape(-1, SECTOR_SIZE)
+            src = np.frombuffer(self._map, dtype=np.uint8, count=n, offset=at).reshape(-1, SECTOR_SIZE)
+            dst[dirty] = src[dirty]
         return True
 
     def _read_cow(self, chunk: memoryview, pos: int) -> None:
