@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._io import file_size, open_file, pread_into
+from ._result import Result
 from .errors import ImageIOError
 from .format import MAGIC
 from .image import CowImage
@@ -70,16 +71,13 @@ def open_disk(
 
 
 @dataclass(frozen=True)
-class CompareResult:
+class CompareResult(Result):
     """``identical`` and, if not, the first differing byte offset (or the shorter size)."""
 
     identical: bool
     first_difference: int | None
     size_a: int
     size_b: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def first_difference(a: memoryview, b: memoryview) -> int | None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from ._atomic import AtomicFile, check_output_path
 from ._io import Segments, copy_range, pwrite_all
+from ._result import Result
 from .errors import ImageIOError, UnrecordableWriteError
 from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, Layout
 from .image import CowFile
@@ -23,7 +24,7 @@ __all__ = ["ConvertResult", "convert"]
 
 
 @dataclass(frozen=True)
-class ConvertResult:
+class ConvertResult(Result):
     """The converted file's layout and what was carried over."""
 
     output: str
@@ -31,9 +32,6 @@ class ConvertResult:
     source_layout: str
     sectors: int
     seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _target_header(src: CowHeader, layout: Layout, alignment: int | None, name: str) -> CowHeader:

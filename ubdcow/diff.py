@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
 from ._io import file_size, mtime_seconds, open_file, pread_into, pwrite_all
+from ._result import Result
 from .compare import open_disk
 from .create import absolute_backing_path
 from .errors import BackingFileError, ImageIOError
@@ -27,7 +28,7 @@ WINDOW = 4 << 20  # a multiple of 8 sectors, so each window's bits are whole bit
 
 
 @dataclass(frozen=True)
-class DiffResult:
+class DiffResult(Result):
     """The new overlay and what it holds."""
 
     output: str
@@ -35,9 +36,6 @@ class DiffResult:
     sectors: int
     zero_sectors: int
     seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def diff(

@@ -12,13 +12,14 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
 from ._io import Segments, pread_into, pwrite_all, start_writeback
+from ._result import Result
 from .errors import ImageIOError
 from .image import CowImage
 
@@ -32,7 +33,7 @@ Progress = Callable[[int], Any]
 
 
 @dataclass(frozen=True)
-class MergeResult:
+class MergeResult(Result):
     """What a merge did. ``cow_bytes + backing_bytes == size``."""
 
     output: str
@@ -41,9 +42,6 @@ class MergeResult:
     backing_bytes: int
     hole_bytes: int
     seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def default_output(cow_path: str | os.PathLike[str]) -> str:

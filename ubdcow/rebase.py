@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._io import file_size, mtime_seconds, open_file, pread_into, pwrite_all
+from ._result import Result
 from .create import absolute_backing_path
 from .errors import BackingFileError, BackingMismatchError, ImageIOError, UnrecordableWriteError
 from .format import SECTOR_SIZE, CowHeader
@@ -31,7 +32,7 @@ WINDOW = 4 << 20
 
 
 @dataclass(frozen=True)
-class RebaseResult:
+class RebaseResult(Result):
     """What a rebase did: the new header's backing fields and the sectors copied in."""
 
     file: str
@@ -40,9 +41,6 @@ class RebaseResult:
     size: int
     copied_sectors: int
     unsafe: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _new_header(h: CowHeader, cow_path: str, new_path: str, new_stat: os.stat_result, new_size: int) -> CowHeader:
