@@ -11,11 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import tempfile
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 
+from . import lock as _lock
 from ._io import fsync_dir, same_file
-from .errors import ImageIOError, OutputError
+from .errors import ImageIOError, ImageLockedError, OutputError
 
 __all__ = ["AtomicFile", "check_output_path", "TMP_SUFFIX"]
 
@@ -29,20 +32,52 @@ def _umask() -> int:
 
 
 def check_output_path(
-    path: str, *, overwrite: bool, inputs: dict[str, os.stat_result] | None = None, hint: str | None = None
+    path: str,
+    *,
+    overwrite: bool,
+    inputs: Mapping[str, os.stat_result] | Iterable[tuple[str, os.stat_result]] = (),
+    hint: str | None = None,
 ) -> None:
-    """Refuse an output that exists (without ``overwrite``) or that is one of the ``inputs`` (any path or link)."""
+    """Refuse an output path that would lose something if replaced.
+
+    Refused: one of the ``inputs`` (through any path or link), an existing
+    file or link without ``overwrite``, anything but a regular file (a device
+    node or FIFO would be replaced by a file, not written), and a file that a
+    running guest or another process holds locked.
+    """
+    if not os.path.lexists(path):
+        return
     try:
-        st = os.stat(path)
+        st: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
-        return  # absent, or a dangling link (replaced; nothing is lost)
+        st = None  # a dangling link
     except OSError as exc:
         raise OutputError(path, f"cannot use as output: {exc.strerror}") from None
-    for what, ist in (inputs or {}).items():
-        if same_file(st, ist):
+    for what, ist in inputs.items() if isinstance(inputs, Mapping) else inputs:
+        if st is not None and same_file(st, ist):
             raise OutputError(path, f"output is the {what} (same file); refusing to overwrite it")
     if not overwrite:
         raise OutputError(path, "output file already exists", hint=hint or "use --overwrite to replace it")
+    if st is None:
+        return  # the dangling link is replaced by the output; nothing is lost
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(path, "output exists and is not a regular file; ubdcow only replaces image files")
+    _refuse_if_locked(path)
+
+
+def _refuse_if_locked(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        busy, pid = _lock.holder(fd, exclusive=True)
+    finally:
+        os.close(fd)
+    if busy:
+        raise ImageLockedError(
+            path, f"output file is in use by {_lock.describe_holder(pid)}; refusing to replace it", pid=pid
+        )
 
 
 def _cleanup_stale(directory: str, base: str) -> None:
@@ -109,7 +144,7 @@ class AtomicFile:
     def commit(self) -> None:
         """fsync, give the file normal permissions, move it into place and fsync the folder."""
         try:
-            os.fchmod(self.fd, 0o666 & ~_umask())
+            self._set_owner_and_mode()
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
@@ -121,6 +156,21 @@ class AtomicFile:
         except OSError as exc:
             raise ImageIOError(self.path, f"cannot finish writing: {exc.strerror}", errno=exc.errno) from None
         self.committed = True
+
+    def _set_owner_and_mode(self) -> None:
+        """A new file gets the usual 0666 & ~umask; a replaced one keeps its mode and (if allowed) owner."""
+        try:
+            old = os.stat(self.path) if self.overwrite else None
+        except OSError:
+            old = None
+        if old is None:
+            os.fchmod(self.fd, 0o666 & ~_umask())
+            return
+        try:
+            os.fchown(self.fd, old.st_uid, old.st_gid)
+        except OSError:
+            pass  # not ours to give away: keep the writer's
+        os.fchmod(self.fd, stat.S_IMODE(old.st_mode))
 
     def _link_no_replace(self) -> None:
         try:

@@ -15,6 +15,7 @@ __all__ = [
     "open_file",
     "file_size",
     "pread_into",
+    "read_at",
     "pwrite_all",
     "punch_hole",
     "data_segments",
@@ -97,6 +98,14 @@ def pread_into(fd: int, buf: memoryview, offset: int) -> int:
             break
         done += n
     return done
+
+
+def read_at(fd: int, buf: memoryview, offset: int, name: str | os.PathLike[str]) -> int:
+    """:func:`pread_into`, with a read error reported as :class:`ImageIOError` naming the file and offset."""
+    try:
+        return pread_into(fd, buf, offset)
+    except OSError as exc:
+        raise ImageIOError(name, f"read error at offset {offset}: {exc.strerror}", errno=exc.errno) from None
 
 
 def pwrite_all(fd: int, buffers: list[memoryview | bytes], offset: int) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from . import lock as _lock
 from ._io import Segments, file_size, mtime_seconds, open_file, pread_into
 from .bitmap import Bitmap, iter_runs
-from .errors import BackingFileError, CorruptHeaderError, UnsupportedVersionError
+from .errors import BackingFileError, CorruptHeaderError, ImageIOError, UnsupportedVersionError
 from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, read_header_from
 from .image import mismatch_message, open_backing
 
@@ -139,6 +139,25 @@ def _check_rounding(report: CheckReport, fd: int, h: CowHeader, bitmap: Bitmap) 
         f"{_span(mapped, h.sectors - mapped)} have no bit in this {h.layout} bitmap (the v1/v2 rounding bug): "
         "the kernel reads them from the backing file whatever is written; convert to v3 to use them",
     )
+    aliased = max(0, start + need - h.data_offset)  # stray-bit bytes that are also sector 0's data
+    if aliased and bitmap.test(0):
+        # sector 0 is written: those bytes are its data, and bits there cannot be told from data
+        stray_bytes[need - aliased :] = bytes(aliased)
+        stray = [(a, n) for a, n, on in iter_runs(stray_bytes, mapped, mapped, h.sectors) if on]
+        first = mapped + 8 * (need - aliased)
+        report.add(
+            "rounding-alias",
+            "warning",
+            f"the bits of {_span(first, h.sectors - first)} would lie in the first {aliased} bytes of sector 0's "
+            f"data (offset {h.data_offset}), which is written: they cannot be told apart from its data (if a "
+            "guest wrote those sectors, the kernel overwrote the start of sector 0)",
+        )
+    elif aliased and stray:
+        report.add(
+            "rounding-alias",
+            "warning",
+            f"the stray bits lie over the first {aliased} bytes of the data area (sector 0, unused)",
+        )
     if not stray:
         return
     where = ", ".join(_span(a, n) for a, n in stray)
@@ -148,21 +167,6 @@ def _check_rounding(report: CheckReport, fd: int, h: CowHeader, bitmap: Bitmap) 
         f"bits for {where} were written past the bitmap (offset {start}): the kernel ignores them, so the "
         f"data a guest wrote there (at offset {h.data_offset + stray[0][0] * SECTOR_SIZE}) is lost to it",
     )
-    if start + need > h.data_offset:
-        overlap = start + need - h.data_offset
-        if bitmap.test(0):
-            report.add(
-                "rounding-alias",
-                "error",
-                f"those bits lie over the first {overlap} bytes of sector 0's data (offset {h.data_offset}), "
-                "so sector 0 as the guest reads it is corrupted",
-            )
-        else:
-            report.add(
-                "rounding-alias",
-                "warning",
-                f"those bits lie over the first {overlap} bytes of the data area (sector 0, unused)",
-            )
 
 
 def _check_backing(
@@ -258,6 +262,8 @@ def check(
         if length >= h.data_offset:
             _scan(report, fd, h, bitmap, length, progress)
         _check_backing(report, h, cow_path, st, backing)
+    except OSError as exc:  # an I/O error reading the COW file: the check could not run
+        raise ImageIOError(cow_path, f"cannot check: {exc.strerror}", errno=exc.errno) from None
     finally:
         os.close(fd)
     return report

@@ -1,8 +1,9 @@
 """The command line: ``python -m ubdcow COMMAND ...`` (also installed as ``ubdcow``).
 
 Exit codes: 0 success; 1 error (bad input, refused operation, I/O error);
-2 usage error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Commands
-with their own codes (``check``, ``compare``) document them in their help.
+2 usage error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 70 an
+internal error (a bug). Commands with their own codes (``check``,
+``compare``) document them in their help.
 """
 
 from __future__ import annotations

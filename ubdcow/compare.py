@@ -25,13 +25,21 @@ class Disk:
     """A readable virtual disk: a COW image or a raw file, with ``size``, ``preadinto`` and ``close``."""
 
     def __init__(
-        self, path: str, size: int, reader: Callable[[memoryview, int], int], closer: Callable[[], None], kind: str
+        self,
+        path: str,
+        size: int,
+        reader: Callable[[memoryview, int], int],
+        closer: Callable[[], None],
+        kind: str,
+        files: dict[str, os.stat_result],
     ) -> None:
         self.path = path
         self.size = size
         self.preadinto = reader
         self.close = closer
         self.kind = kind
+        #: the files its content depends on (the COW file and its backing file), for output checks
+        self.files = files
 
     def __enter__(self) -> Disk:
         return self
@@ -58,7 +66,8 @@ def open_disk(
     if head in _MAGICS:
         os.close(fd)
         img = CowImage(path, "r", backing=backing, check_backing=check_backing, lock=lock)
-        return Disk(path, img.size, img.preadinto, img.close, "cow")
+        files = {"COW file": os.fstat(img.fds[0]), "backing file": os.fstat(img.fds[1])}
+        return Disk(path, img.size, img.preadinto, img.close, "cow", files)
     size = file_size(fd, st)
 
     def read(view: memoryview, offset: int) -> int:
@@ -67,7 +76,7 @@ def open_disk(
         except OSError as exc:
             raise ImageIOError(path, f"read error at offset {offset}: {exc.strerror}") from None
 
-    return Disk(path, size, read, lambda: os.close(fd), "raw")
+    return Disk(path, size, read, lambda: os.close(fd), "raw", {"image": st})
 
 
 @dataclass(frozen=True)

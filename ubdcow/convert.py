@@ -18,7 +18,7 @@ from ._io import Segments, copy_range, pwrite_all
 from ._result import Result
 from .errors import ImageIOError, UnrecordableWriteError
 from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, Layout
-from .image import CowFile
+from .image import CowFile, backing_stats
 
 __all__ = ["ConvertResult", "convert"]
 
@@ -80,7 +80,8 @@ def convert(
                     f"{beyond} written sectors at or past sector {target.mapped_sectors} have no bit in a {layout} "
                     "bitmap of this size (the v1/v2 rounding bug); choose v3",
                 )
-        check_output_path(output, overwrite=overwrite, inputs={"COW file": src.stat})
+        inputs = [("COW file", src.stat)] + [("backing file", st) for st in backing_stats(h, src.name)]
+        check_output_path(output, overwrite=overwrite, inputs=inputs)
         with AtomicFile(output, overwrite=overwrite) as out:
             try:
                 pwrite_all(out.fd, [target.to_bytes()], 0)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 
-from . import lock as _lock
 from ._atomic import AtomicFile, check_output_path
 from ._io import file_size, mtime_seconds, open_file, pwrite_all
-from .errors import BackingFileError, ImageIOError, ImageLockedError, UbdCowError
+from .errors import BackingFileError, ImageIOError, UbdCowError
 from .format import SECTOR_SIZE, CowHeader, Layout, make_header
 
-__all__ = ["create", "absolute_backing_path"]
+__all__ = ["create", "absolute_backing_path", "backing_record"]
 
 
 def absolute_backing_path(path: str | os.PathLike[str]) -> str:
@@ -20,19 +19,21 @@ def absolute_backing_path(path: str | os.PathLike[str]) -> str:
     return os.path.join(os.path.realpath(folder or "."), name)
 
 
-def _refuse_if_in_use(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return
-    try:
-        busy, pid = _lock.holder(fd, exclusive=True)
-    finally:
-        os.close(fd)
-    if busy:
-        raise ImageLockedError(
-            path, f"COW file is in use by {_lock.describe_holder(pid)}; refusing to replace it", pid=pid
+def backing_record(path: str | os.PathLike[str], st: os.stat_result) -> tuple[str, int]:
+    """The path and whole-second mtime a header records for a backing file.
+
+    Raises :class:`BackingFileError` for an mtime the header's unsigned 32-bit
+    field cannot hold (before 1970 or after 2106): the kernel compares the full
+    value, so such a COW file could never be opened.
+    """
+    mtime = mtime_seconds(st)
+    if not 0 <= mtime < 2**32:
+        raise BackingFileError(
+            path,
+            f"its mtime ({mtime}) does not fit the COW header's 32-bit field (1970 to 2106)",
+            hint=f"give it a current mtime first: touch {os.fspath(path)}",
         )
+    return absolute_backing_path(path), mtime
 
 
 def create(
@@ -64,11 +65,9 @@ def create(
         os.close(bfd)
     if size == 0:
         raise BackingFileError(backing_path, "backing file is empty: a COW file needs a disk of at least one byte")
-    recorded = absolute_backing_path(backing_path)
+    recorded, mtime = backing_record(backing_path, bst)
     try:
-        header = make_header(
-            layout, recorded, mtime_seconds(bst) & 0xFFFFFFFF, size, sectorsize=sectorsize, alignment=alignment
-        )
+        header = make_header(layout, recorded, mtime, size, sectorsize=sectorsize, alignment=alignment)
     except (ValueError, UbdCowError) as exc:
         raise BackingFileError(backing_path, f"cannot record this backing file: {exc}") from None
     check_output_path(
@@ -77,8 +76,6 @@ def create(
         inputs={"backing file": bst},
         hint="use --force to replace it with a new, empty COW file",
     )
-    if overwrite and os.path.exists(cow_path):
-        _refuse_if_in_use(cow_path)
     with AtomicFile(cow_path, overwrite=overwrite) as out:
         try:
             pwrite_all(out.fd, [header.to_bytes()], 0)

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
-from ._io import file_size, mtime_seconds, open_file, pread_into, pwrite_all
+from ._io import file_size, open_file, pwrite_all, read_at
 from ._result import Result
-from .compare import open_disk
-from .create import absolute_backing_path
+from .compare import Disk, open_disk
+from .create import backing_record
 from .errors import BackingFileError, ImageIOError
 from .format import MAGIC, SECTOR_SIZE, make_header
 
@@ -65,9 +65,12 @@ def diff(
         with open_disk(modified_path, lock=lock) as modified:
             if modified.size != size:
                 raise ImageIOError(modified.path, f"size {modified.size} differs from BASE's {size}: sizes must match")
-            mst = os.stat(modified.path)
-            check_output_path(output, overwrite=overwrite, inputs={"base image": bst, "modified image": mst})
-            header = make_header("v3", absolute_backing_path(base_path), mtime_seconds(bst) & 0xFFFFFFFF, size)
+            inputs = {"base image": bst, **{f"modified image's {k}": v for k, v in modified.files.items()}}
+            check_output_path(output, overwrite=overwrite, inputs=inputs)
+            try:
+                header = make_header("v3", *backing_record(base_path, bst), size)
+            except ValueError as exc:
+                raise BackingFileError(base_path, f"cannot record it as a backing file: {exc}") from None
             with AtomicFile(output, overwrite=overwrite) as out:
                 try:
                     pwrite_all(out.fd, [header.to_bytes()], 0)
@@ -75,7 +78,7 @@ def diff(
                     sectors, zeros = _write_differences(
                         bfd,
                         base_path,
-                        modified.preadinto,
+                        modified,
                         out.fd,
                         header.bitmap_offset,
                         header.data_offset,
@@ -93,7 +96,7 @@ def diff(
 def _write_differences(
     base_fd: int,
     base_path: str,
-    read_modified: Callable[[memoryview, int], int],
+    modified: Disk,
     out_fd: int,
     bitmap_offset: int,
     data_offset: int,
@@ -107,12 +110,12 @@ def _write_differences(
         n = min(WINDOW, size - pos)
         padded = -(-n // SECTOR_SIZE) * SECTOR_SIZE
         base_view, mod_view = memoryview(base_buf)[:padded], memoryview(mod_buf)[:padded]
-        got = pread_into(base_fd, base_view[:n], pos)
+        got = read_at(base_fd, base_view[:n], pos, base_path)
         if got < n:
             raise ImageIOError(base_path, f"file ended at offset {pos + got} while reading it")
-        got = read_modified(mod_view[:n], pos)
+        got = modified.preadinto(mod_view[:n], pos)
         if got < n:
-            raise ImageIOError("MODIFIED", f"ended at offset {pos + got} while reading it")
+            raise ImageIOError(modified.path, f"file ended at offset {pos + got} while reading it")
         base_view[n:] = bytes(padded - n)  # the bytes of a partial last sector past the disk's end
         mod_view[n:] = bytes(padded - n)
         if base_view != mod_view:

@@ -276,10 +276,11 @@ def make_header(
     alignment: int = 4096,
     byteorder: Literal["little", "big"] | None = None,
 ) -> CowHeader:
-    """Return a validated header.
+    """Return a header that validates and can be written.
 
     ``byteorder`` only matters for v1, whose fields the kernel reads in the
-    host's order: the default is this host's.
+    host's order: the default is this host's. Raises :class:`ValueError` for
+    values no header can hold (the caller's mistake, not a corrupt file).
     """
     if byteorder is None:
         byteorder = HOST_ORDER
@@ -293,11 +294,11 @@ def make_header(
         alignment=alignment,
         byteorder=byteorder if layout == "v1" else "big",
     )
-    header.validate()
-    if b"\0" in raw or len(raw) >= _PATH_FIELD[layout]:
-        raise ValueError(
-            f"backing file path does not fit the {layout} header ({_PATH_FIELD[layout] - 1} bytes at most)"
-        )
+    try:
+        header.validate()
+    except CorruptHeaderError as exc:
+        raise ValueError(exc.message) from None
+    header.to_bytes()  # raises ValueError for a path that does not fit
     return header
 
 

@@ -31,7 +31,16 @@ from .errors import (
 )
 from .format import SECTOR_SIZE, CowHeader, read_header_from
 
-__all__ = ["CowFile", "CowImage", "Extent", "open", "open_backing", "check_backing_file", "mismatch_message"]
+__all__ = [
+    "CowFile",
+    "CowImage",
+    "Extent",
+    "open",
+    "open_backing",
+    "backing_stats",
+    "check_backing_file",
+    "mismatch_message",
+]
 
 Source = Literal["cow", "backing", "zero"]
 _SHIFT = 9  # log2(SECTOR_SIZE)
@@ -63,25 +72,28 @@ def mismatch_message(header: CowHeader, size: int, mtime: int) -> str | None:
     return None
 
 
-def _mismatch_hint(cow: str, backing: str, header: CowHeader, size: int) -> str:
+def _mismatch_hint(cow: str, backing: str, header: CowHeader, size: int, mtime: int) -> str:
     if size != header.size:
         return (
             f"the backing file is {size} bytes but the COW file was made on one of {header.size}: "
             "this is not the file the COW file was made on"
         )
+    fix = f"ubdcow rebase --unsafe {cow} --backing {backing}"
+    if not 0 <= mtime < 2**32:  # a header cannot record this mtime: give the file one it can
+        fix = f"touch {backing}, then {fix}"
     return (
         "the backing file was modified, copied or touched after the COW file was made, and UML will refuse "
-        "to boot it; if its content is unchanged, record its new mtime with: "
-        f"ubdcow rebase --unsafe {cow} --backing {backing}"
+        f"to boot it; if its content is unchanged, record its new mtime with: {fix}"
     )
 
 
 def check_backing_file(header: CowHeader, cow_path: str, backing_path: str, st: os.stat_result, size: int) -> None:
     """Raise :class:`BackingMismatchError` unless size and whole-second mtime match the header."""
-    message = mismatch_message(header, size, mtime_seconds(st))
+    mtime = mtime_seconds(st)
+    message = mismatch_message(header, size, mtime)
     if message is not None:
         raise BackingMismatchError(
-            cow_path, f"{message} {backing_path}", hint=_mismatch_hint(cow_path, backing_path, header, size)
+            cow_path, f"{message} {backing_path}", hint=_mismatch_hint(cow_path, backing_path, header, size, mtime)
         )
 
 
@@ -93,6 +105,23 @@ def backing_candidates(header: CowHeader, cow_path: str | os.PathLike[str]) -> l
     here = os.path.abspath(recorded)
     beside = os.path.join(os.path.dirname(os.path.abspath(cow_path)), recorded)
     return [here] if here == beside else [here, beside]
+
+
+def backing_stats(
+    header: CowHeader, cow_path: str | os.PathLike[str], backing: str | os.PathLike[str] | None = None
+) -> list[os.stat_result]:
+    """The stat of each existing file the backing path could resolve to (never raises).
+
+    For tools that do not open the backing file but must never replace it.
+    """
+    candidates = [os.fspath(backing)] if backing is not None else backing_candidates(header, cow_path)
+    found = []
+    for path in candidates:
+        try:
+            found.append(os.stat(path))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def open_backing(
@@ -147,8 +176,9 @@ def open_backing(
 class CowFile:
     """A COW file on its own: header, bitmap and data area, without the backing file.
 
-    For tools that never read the backing (map, check, convert). It takes the
-    same lock as :class:`CowImage` (a write lock when ``writable``).
+    For tools that do not read the backing file (info, map, convert, rebase
+    --unsafe), and the base of :class:`CowImage`. With ``lock`` it takes the
+    same lock as CowImage: a write lock when ``writable``, else a read lock.
     """
 
     def __init__(
@@ -347,7 +377,10 @@ class CowImage(io.RawIOBase):
         super().flush()
         if self._dirty:
             with self._mutex:
-                os.fsync(self._fd)
+                try:
+                    os.fsync(self._fd)
+                except OSError as exc:
+                    raise ImageIOError(self.name, f"cannot flush: {exc.strerror}", errno=exc.errno) from None
                 self._dirty = False
 
     def close(self) -> None:
@@ -608,6 +641,10 @@ class CowImage(io.RawIOBase):
         start = self._data_offset + (first << _SHIFT)
         length = (last - first) << _SHIFT
         try:
+            # the zeroed sectors must lie inside the file (as holes), or a set bit would point past its end
+            end = self._data_offset + min(last << _SHIFT, self.size)
+            if os.fstat(self._fd).st_size < end:
+                os.ftruncate(self._fd, end)
             if not punch_hole(self._fd, start, length):
                 zeros = bytes(min(_ZERO_CHUNK, length))
                 for pos in range(0, length, len(zeros)):

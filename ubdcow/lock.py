@@ -13,7 +13,7 @@ import fcntl
 import os
 import struct
 
-from .errors import ImageLockedError
+from .errors import ImageIOError, ImageLockedError
 
 __all__ = ["lock", "holder", "describe_holder"]
 
@@ -120,7 +120,7 @@ def lock(fd: int, filename: str | os.PathLike[str], *, exclusive: bool, what: st
         return
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
+            raise ImageIOError(filename, f"cannot lock {what}: {exc.strerror}", errno=exc.errno) from None
     _, pid = holder(fd, exclusive)
     mode = "writing" if exclusive else "reading"
     raise ImageLockedError(

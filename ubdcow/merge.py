@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
-from ._io import Segments, pread_into, pwrite_all, start_writeback
+from ._io import Segments, pwrite_all, read_at, start_writeback
 from ._result import Result
 from .errors import ImageIOError
 from .image import CowImage
@@ -77,7 +77,7 @@ class _Copier:
             if n == CHUNK:  # end chunks on output block boundaries so zero blocks line up with holes
                 n -= (dst_off + pos + n) % BLOCK
             view = self.view[:n]
-            got = pread_into(src, view, src_off + pos)
+            got = read_at(src, view, src_off + pos, src_name)
             if got < n:
                 raise _short_read(src_name, src_off + pos + got)
             runs = _nonzero_runs(self.buf, n, (dst_off + pos) % BLOCK) if self.sparse else [(0, n)]
@@ -231,14 +231,14 @@ def _copy_batch(img: CowImage, copier: _Copier, batch: _Batch) -> None:
     first, n = batch.start, batch.end - batch.start
     view = copier.view[:n]
     in_backing = max(0, min(n, img.backing_size - first))  # a smaller backing (force) reads as zeros
-    got = pread_into(backing_fd, view[:in_backing], first)
+    got = read_at(backing_fd, view[:in_backing], first, img.backing_name)
     if got < in_backing:
         raise _short_read(img.backing_name, first + got)
     view[in_backing:] = bytes(n - in_backing)
     for start, length, source in batch.runs:
         if source == "cow":
             part = view[start - first : start - first + length]
-            got = pread_into(cow_fd, part, img.header.data_offset + start)
+            got = read_at(cow_fd, part, img.header.data_offset + start, img.name)
             part[got:] = bytes(length - got)  # a set bit past the COW file's end reads as zeros
     copier.write_buffer(first, n)
 
@@ -344,7 +344,12 @@ def stream(
 
 
 def write_all(fd: int, data: memoryview) -> None:
-    """Write all of ``data`` to a stream descriptor."""
-    while len(data):
-        n = os.write(fd, data)
-        data = data[n:]
+    """Write all of ``data`` to a stream descriptor (a reader going away raises BrokenPipeError)."""
+    try:
+        while len(data):
+            n = os.write(fd, data)
+            data = data[n:]
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise ImageIOError("<output stream>", f"write error: {exc.strerror}", errno=exc.errno) from None

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ._io import file_size, mtime_seconds, open_file, pread_into, pwrite_all
+from ._io import file_size, open_file, pwrite_all, read_at, same_file
 from ._result import Result
-from .create import absolute_backing_path
+from .create import backing_record
 from .errors import BackingFileError, BackingMismatchError, ImageIOError, UnrecordableWriteError
 from .format import SECTOR_SIZE, CowHeader
 from .image import CowFile, CowImage
@@ -48,8 +48,8 @@ def _new_header(h: CowHeader, cow_path: str, new_path: str, new_stat: os.stat_re
         raise BackingFileError(
             new_path, f"new backing file is {new_size} bytes but the COW file's disk is {h.size}: sizes must match"
         )
-    recorded = absolute_backing_path(new_path)
-    updated = h.replace(backing_file_raw=os.fsencode(recorded), mtime=mtime_seconds(new_stat) & 0xFFFFFFFF)
+    recorded, mtime = backing_record(new_path, new_stat)
+    updated = h.replace(backing_file_raw=os.fsencode(recorded), mtime=mtime)
     try:
         updated.to_bytes()
     except ValueError as exc:
@@ -67,7 +67,7 @@ def _write_header(fd: int, cow_path: str, header: CowHeader) -> None:
         raise ImageIOError(cow_path, f"cannot write the header: {exc.strerror}", errno=exc.errno) from None
 
 
-def _differing_runs(img: CowImage, new_fd: int, start: int, length: int) -> list[tuple[int, int]]:
+def _differing_runs(img: CowImage, new_fd: int, new_name: str, start: int, length: int) -> list[tuple[int, int]]:
     """Sector-aligned byte runs of [start, start+length) where the old and new backing files differ."""
     runs: list[tuple[int, int]] = []
     old_buf, new_buf = bytearray(WINDOW), bytearray(WINDOW)
@@ -76,7 +76,7 @@ def _differing_runs(img: CowImage, new_fd: int, start: int, length: int) -> list
         n = min(WINDOW, end - pos)
         old, new = memoryview(old_buf)[:n], memoryview(new_buf)[:n]
         img.backing_preadinto(old, pos)
-        got = pread_into(new_fd, new, pos)
+        got = read_at(new_fd, new, pos, new_name)
         new[got:] = bytes(n - got)
         if old != new:
             padded = -(-n // SECTOR_SIZE) * SECTOR_SIZE
@@ -109,7 +109,7 @@ def rebase(
         new_size = file_size(nfd, nst)
         if unsafe:
             with CowFile(cow_path, writable=True, lock=lock, require_io=False) as cow:
-                if (nst.st_dev, nst.st_ino) == (cow.stat.st_dev, cow.stat.st_ino):
+                if same_file(nst, cow.stat):
                     raise BackingFileError(new_path, "the new backing file is the COW file itself")
                 header = _new_header(cow.header, cow_path, new_path, nst, new_size)
                 _write_header(cow.fd, cow_path, header)
@@ -143,13 +143,13 @@ def _safe_rebase(
     with img:
         cow_fd = img.fds[0]
         cow_stat = os.fstat(cow_fd)
-        if (nst.st_dev, nst.st_ino) == (cow_stat.st_dev, cow_stat.st_ino):
+        if same_file(nst, cow_stat):
             raise BackingFileError(new_path, "the new backing file is the COW file itself")
         header = _new_header(img.header, cow_path, new_path, nst, new_size)
         h = img.header
         if h.mapped_sectors < h.sectors:
             tail = h.mapped_sectors * SECTOR_SIZE
-            if _differing_runs(img, nfd, tail, h.size - tail):
+            if _differing_runs(img, nfd, new_path, tail, h.size - tail):
                 raise UnrecordableWriteError(
                     cow_path,
                     f"the old and new backing files differ in sectors {h.mapped_sectors}-{h.sectors - 1}, which this "
@@ -158,7 +158,7 @@ def _safe_rebase(
                 )
         for start, length, source in img.extents():  # lazily: bits change only behind it
             if source == "backing":
-                for a, n in _differing_runs(img, nfd, start, length):
+                for a, n in _differing_runs(img, nfd, new_path, start, length):
                     buf = bytearray(n)
                     img.backing_preadinto(memoryview(buf), a)
                     img.pwrite(buf, a)  # data first, then the bits
