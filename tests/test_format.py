@@ -6,6 +6,7 @@ import gzip
 import struct
 
 import pytest
+from bad_corpus import v3
 from conftest import DATA, MANIFEST, assert_one_line_error, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -155,19 +156,7 @@ def test_magic_plus_arbitrary_bytes_raise_only_library_errors(magic, version, re
     assert h.size > 0 and h.data_offset >= h.bitmap_offset + h.bitmap_len
 
 
-# -- validation: one hand-made bad header per rule -----------------------------------
-def v3(**fields) -> bytearray:
-    """A valid v3 header with some big-endian fields replaced."""
-    data = bytearray(make_header("v3", "/srv/backing.img", 1_700_000_000, 1 << 20).to_bytes())
-    offsets = {"version": 4, "mtime": 8, "sectorsize": 20, "alignment": 24, "cow_format": 28}
-    for name, value in fields.items():
-        if name == "size":
-            data[12:20] = struct.pack(">Q", value)
-        else:
-            data[offsets[name] : offsets[name] + 4] = struct.pack(">I", value)
-    return data
-
-
+# -- validation: one hand-made bad header per rule (v3() patches a valid header) ---------
 BAD = {
     "wrong-magic": (b"QFI\xfb" + bytes(5000), NotACowFileError, "not a UML COW file"),
     "zeros": (bytes(8192), NotACowFileError, "not a UML COW file"),
