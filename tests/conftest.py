@@ -18,6 +18,9 @@ DATA = Path(__file__).parent / "data"
 MANIFEST: list[dict[str, Any]] = json.loads((DATA / "manifest.json").read_text())
 CASES = {c["name"]: c for c in MANIFEST}
 REQUIRE_UML = os.environ.get("UBDCOW_REQUIRE_UML") == "1"
+#: header fields and geometry that the manifest records for every case
+GEOMETRY_KEYS = ("version", "layout", "mtime", "size", "sectorsize", "alignment", "bitmap_offset", "bitmap_len",
+                 "data_offset", "sectors")
 
 
 def require_tool(name: str) -> str:

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 from bad_corpus import v3
-from conftest import DATA, MANIFEST, assert_one_line_error, run_cli
+from conftest import DATA, GEOMETRY_KEYS, MANIFEST, assert_one_line_error, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,18 +30,7 @@ def raw_cow(name: str) -> bytes:
 def test_conformance_header_and_geometry(meta):
     raw = raw_cow(meta["name"])
     h = parse_header(raw)
-    for key in (
-        "version",
-        "layout",
-        "mtime",
-        "size",
-        "sectorsize",
-        "alignment",
-        "bitmap_offset",
-        "bitmap_len",
-        "data_offset",
-        "sectors",
-    ):
+    for key in GEOMETRY_KEYS:
         assert getattr(h, key) == meta[key], key
     assert h.backing_file == meta["backing_file_in_header"]
     assert h.cow_format == 0

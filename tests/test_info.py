@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import run_cli
+from conftest import GEOMETRY_KEYS, run_cli
 
 import ubdcow
 from ubdcow.format import make_header
@@ -37,18 +37,7 @@ def test_info_of_every_conformance_case(case):
     facts = ubdcow.info(case.cow, backing=case.backing)
     meta = case.meta
     assert KEYS <= facts.keys() and BACKING_KEYS <= facts["backing"].keys()
-    for key in (
-        "version",
-        "layout",
-        "mtime",
-        "size",
-        "sectorsize",
-        "alignment",
-        "bitmap_offset",
-        "bitmap_len",
-        "data_offset",
-        "sectors",
-    ):
+    for key in GEOMETRY_KEYS:
         assert facts[key] == meta[key], key
     assert facts["backing_file"] == meta["backing_file_in_header"]
     assert facts["cow_sectors"] == sum(n for _, n in meta["effective_extents"])

@@ -18,7 +18,6 @@ __all__ = [
     "read_at",
     "pwrite_all",
     "punch_hole",
-    "data_segments",
     "Segments",
     "copy_range",
     "fsync_dir",
@@ -206,11 +205,6 @@ def start_writeback(fd: int) -> None:
     libc = _c()
     if hasattr(libc, "sync_file_range"):
         libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
-
-
-def data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
-    """Split ``[start, end)`` of a file into ``(start, end, is_data)`` (a one-off :class:`Segments`)."""
-    return Segments(fd)(start, end)
 
 
 _copy_file_range_ok = hasattr(os, "copy_file_range")

@@ -204,10 +204,6 @@ class Bitmap:
         buf, base = self._bytes(sector // 8, sector // 8 + 1)
         return bool(buf[sector // 8 - base] >> (sector % 8) & 1)
 
-    def all_set(self, lo: int, hi: int) -> bool:
-        """Whether every bit in [lo, hi) is set."""
-        return all(is_set for _, _, is_set in self.runs(lo, hi))
-
     # -- writing -----------------------------------------------------------
     def set_range(self, lo: int, hi: int) -> None:
         """Set bits [lo, hi) in the file, writing back only bytes that change.
@@ -264,7 +260,3 @@ class Bitmap:
             c0 = index * CHUNK
             a, b = max(start, c0), min(end, c0 + len(chunk))
             chunk[a - c0 : b - c0] = data[a - start : b - start]
-
-    def invalidate(self) -> None:
-        """Drop cached bitmap bytes (after the file was changed behind our back)."""
-        self._cache.clear()

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from . import lock as _lock
-from ._io import Segments, file_size, mtime_seconds, open_file, pread_into
+from ._io import Segments, mtime_seconds, pread_into
 from .bitmap import Bitmap, iter_runs
 from .errors import BackingFileError, CorruptHeaderError, ImageIOError, UnsupportedVersionError
-from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, read_header_from
-from .image import mismatch_message, open_backing
+from .format import HOST_ORDER, SECTOR_SIZE, CowHeader
+from .image import CowFile, mismatch_message, open_backing
 
 __all__ = ["Finding", "CheckReport", "check", "EXIT_CLEAN", "EXIT_FAILED", "EXIT_CORRUPT", "EXIT_BACKING"]
 
@@ -224,13 +224,13 @@ def check(
     """
     cow_path = os.fspath(cow_path)
     report = CheckReport(cow_path)
-    fd, st = open_file(cow_path, os.O_RDONLY, what="COW file")
     try:
-        try:
-            h = read_header_from(fd, cow_path)
-        except (CorruptHeaderError, UnsupportedVersionError) as exc:
-            report.add("header", "error", exc.message)
-            return report
+        cow = CowFile(cow_path, lock=False, require_io=False, allow_truncated=True)
+    except (CorruptHeaderError, UnsupportedVersionError) as exc:
+        report.add("header", "error", exc.message)
+        return report
+    fd, h, st, length, bitmap = cow.fd, cow.header, cow.stat, cow.length, cow.bitmap
+    try:
         busy, pid = _lock.holder(fd, exclusive=False)
         if busy:
             report.add(
@@ -252,10 +252,6 @@ def check(
                 "error",
                 f"sector size {h.sectorsize}: the kernel works in 512-byte sectors and reads such files inconsistently",
             )
-        length = file_size(fd, st)
-        # bits past the end of a truncated file read as clear: never scan them
-        present = max(0, min(h.bitmap_len, length - h.bitmap_offset))
-        bitmap = Bitmap(fd, h.bitmap_offset, present, h.mapped_sectors)
         _check_length(report, h, bitmap, length)
         _check_bits_past_end(report, fd, h)
         _check_rounding(report, fd, h, bitmap)
@@ -265,5 +261,5 @@ def check(
     except OSError as exc:  # an I/O error reading the COW file: the check could not run
         raise ImageIOError(cow_path, f"cannot check: {exc.strerror}", errno=exc.errno) from None
     finally:
-        os.close(fd)
+        cow.close()
     return report

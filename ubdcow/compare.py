@@ -12,13 +12,12 @@ import numpy as np
 from ._io import file_size, open_file, pread_into
 from ._result import Result
 from .errors import ImageIOError
-from .format import MAGIC
+from .format import has_cow_magic
 from .image import CowImage
 
 __all__ = ["CompareResult", "compare", "open_disk", "Disk"]
 
 WINDOW = 4 << 20
-_MAGICS = (MAGIC.to_bytes(4, "big"), MAGIC.to_bytes(4, "little"))
 
 
 class Disk:
@@ -63,7 +62,7 @@ def open_disk(
     except OSError as exc:
         os.close(fd)
         raise ImageIOError(path, f"cannot read: {exc.strerror}") from None
-    if head in _MAGICS:
+    if has_cow_magic(head):
         os.close(fd)
         img = CowImage(path, "r", backing=backing, check_backing=check_backing, lock=lock)
         files = {"COW file": os.fstat(img.fds[0]), "backing file": os.fstat(img.fds[1])}

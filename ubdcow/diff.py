@@ -20,7 +20,7 @@ from ._result import Result
 from .compare import Disk, open_disk
 from .create import backing_record
 from .errors import BackingFileError, ImageIOError
-from .format import MAGIC, SECTOR_SIZE, make_header
+from .format import SECTOR_SIZE, has_cow_magic, make_header
 
 __all__ = ["DiffResult", "diff"]
 
@@ -57,7 +57,7 @@ def diff(
     base_path, output = os.fspath(base_path), os.fspath(output_path)
     bfd, bst = open_file(base_path, os.O_RDONLY, what="base image", error=BackingFileError)
     try:
-        if os.pread(bfd, 4, 0) in (MAGIC.to_bytes(4, "big"), MAGIC.to_bytes(4, "little")):
+        if has_cow_magic(os.pread(bfd, 4, 0)):
             raise BackingFileError(
                 base_path, "BASE is a COW file; it must be a raw image (it becomes the backing file)"
             )

@@ -47,6 +47,7 @@ __all__ = [
     "read_header",
     "read_header_from",
     "sniff",
+    "has_cow_magic",
 ]
 
 MAGIC = 0x4F4F4F4D
@@ -302,6 +303,11 @@ def make_header(
     return header
 
 
+def has_cow_magic(data: bytes) -> bool:
+    """Whether ``data`` (a file's first bytes) starts with the COW magic, in either byte order."""
+    return data[:4] in (b"OOOM", b"MOOO")
+
+
 def sniff(data: bytes) -> str | None:
     """Name the kind of file ``data`` (the first bytes) looks like when it is not a COW file."""
     if data[:4] == b"QFI\xfb":
@@ -328,7 +334,7 @@ def parse_header(data: bytes, filename: str | os.PathLike[str] | None = None) ->
     """
     data = bytes(data[:MAX_HEADER_SIZE])
     if len(data) < 8:
-        if len(data) >= 4 and data[:4] in (b"OOOM", b"MOOO"):
+        if has_cow_magic(data):
             raise CorruptHeaderError(filename, f"header truncated: the file is only {len(data)} bytes")
         raise NotACowFileError(filename, f"not a UML COW file (only {len(data)} bytes long)")
     if data[:4] == b"OOOM":

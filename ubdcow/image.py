@@ -40,6 +40,7 @@ __all__ = [
     "backing_stats",
     "check_backing_file",
     "mismatch_message",
+    "mismatch_hint",
 ]
 
 Source = Literal["cow", "backing", "zero"]
@@ -72,7 +73,8 @@ def mismatch_message(header: CowHeader, size: int, mtime: int) -> str | None:
     return None
 
 
-def _mismatch_hint(cow: str, backing: str, header: CowHeader, size: int, mtime: int) -> str:
+def mismatch_hint(cow: str, backing: str, header: CowHeader, size: int, mtime: int) -> str:
+    """What to do about a backing file the kernel would refuse (see :func:`mismatch_message`)."""
     if size != header.size:
         return (
             f"the backing file is {size} bytes but the COW file was made on one of {header.size}: "
@@ -93,7 +95,7 @@ def check_backing_file(header: CowHeader, cow_path: str, backing_path: str, st: 
     message = mismatch_message(header, size, mtime)
     if message is not None:
         raise BackingMismatchError(
-            cow_path, f"{message} {backing_path}", hint=_mismatch_hint(cow_path, backing_path, header, size, mtime)
+            cow_path, f"{message} {backing_path}", hint=mismatch_hint(cow_path, backing_path, header, size, mtime)
         )
 
 
@@ -206,7 +208,10 @@ class CowFile:
                     self.name,
                     f"file is {self.length} bytes, shorter than its data offset {header.data_offset}: truncated",
                 )
-            self.bitmap = Bitmap(self.fd, header.bitmap_offset, header.bitmap_len, header.mapped_sectors)
+            # a truncated file (allow_truncated) has only some of its bitmap: the rest reads as clear,
+            # and is never scanned
+            present = max(0, min(header.bitmap_len, self.length - header.bitmap_offset))
+            self.bitmap = Bitmap(self.fd, header.bitmap_offset, present, header.mapped_sectors)
         except BaseException:
             self.close()
             raise

@@ -10,7 +10,7 @@ from . import lock as _lock
 from ._io import mtime_seconds
 from .errors import BackingFileError
 from .format import CowHeader
-from .image import CowFile, mismatch_message, open_backing
+from .image import CowFile, mismatch_hint, mismatch_message, open_backing
 
 __all__ = ["info", "iter_map", "map_image", "backing_status", "cow_bytes"]
 
@@ -56,12 +56,7 @@ def backing_status(
     message = mismatch_message(header, size, mtime)
     if message is not None:
         status["problem"] = f"{message}: UML will refuse to open this COW file"
-        if size != header.size:
-            status["hint"] = "this is not the backing file the COW file was made on"
-        else:
-            status["hint"] = (
-                f"if the backing file's content is unchanged: ubdcow rebase --unsafe {cow_path} --backing {path}"
-            )
+        status["hint"] = mismatch_hint(cow_path, path, header, size, mtime)
     return status
 
 
