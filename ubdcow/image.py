@@ -49,6 +49,8 @@ _ZERO_CHUNK = 8 << 20
 # reads of whole sectors between these sizes may take the numpy overlay path
 _OVERLAY_MIN = 64 << 10
 _OVERLAY_MAX = 16 << 20
+# requests up to this size first try to find a single source (larger ones rarely have one)
+_ONE_SOURCE_MAX = 64 << 10
 
 
 class Extent(NamedTuple):
@@ -426,18 +428,17 @@ class CowImage(io.RawIOBase):
         n = min(length, self.size - offset)
         if n <= 0:
             return b""
-        with self._mutex:  # fast path: the whole request from one file, in one system call
-            runs = self._bitmap.runs_list(offset >> _SHIFT, (offset + n + SECTOR_SIZE - 1) >> _SHIFT)
-            if len(runs) == 1:
-                fd, at = (self._fd, self._data_offset + offset) if runs[0][2] else (self._bfd, offset)
+        with self._mutex:
+            source = self._one_source(offset, n)
+            if source is not None:  # the common case: one system call, no copy
                 try:
-                    data = os.pread(fd, n, at)
+                    data = os.pread(source[0], n, source[1])
                 except OSError:
-                    data = b""  # the general path reports it
+                    data = b""  # the general path reports it, naming the file and offset
                 if len(data) == n:
                     return data
         buf = bytearray(n)
-        self._readinto_at(memoryview(buf), offset)
+        self._readinto_at(memoryview(buf), offset, one_source_tried=True)
         return bytes(buf)
 
     def preadinto(self, buffer: memoryview | bytearray, offset: int) -> int:
@@ -538,7 +539,7 @@ class CowImage(io.RawIOBase):
                 hint=f"convert the file to v3 first: ubdcow convert {self.name} -o NEW.cow",
             )
 
-    def _readinto_at(self, view: memoryview, offset: int) -> int:
+    def _readinto_at(self, view: memoryview, offset: int, *, one_source_tried: bool = False) -> int:
         n = min(len(view), self.size - offset)
         if n <= 0:
             return 0
@@ -546,6 +547,13 @@ class CowImage(io.RawIOBase):
         with self._mutex:
             if n >= _OVERLAY_MIN and not (offset | n) & (SECTOR_SIZE - 1) and self._overlay(view, offset, n):
                 return n
+            source = None if one_source_tried else self._one_source(offset, n)
+            if source is not None:  # the whole request from one file, in one system call
+                try:
+                    if os.preadv(source[0], [view[:n]], source[1]) == n:
+                        return n
+                except OSError:
+                    pass  # the run loop below reports it, naming the file and offset
             runs = self._bitmap.runs_list(offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT)
             cow_bytes = sum(count for _, count, is_set in runs if is_set) << _SHIFT
             if len(runs) > 2 and 2 * cow_bytes < n:
@@ -561,6 +569,15 @@ class CowImage(io.RawIOBase):
                 else:
                     self._read_backing(chunk, start)
         return n
+
+    def _one_source(self, offset: int, n: int) -> tuple[int, int] | None:
+        """``(fd, file offset)`` when [offset, offset+n) lies in one run, else None (caller holds the mutex)."""
+        if n > _ONE_SOURCE_MAX:
+            return None
+        runs = self._bitmap.runs_list(offset >> _SHIFT, (offset + n + SECTOR_SIZE - 1) >> _SHIFT)
+        if len(runs) != 1:
+            return None
+        return (self._fd, self._data_offset + offset) if runs[0][2] else (self._bfd, offset)
 
     def _overlay(self, view: memoryview, offset: int, n: int) -> bool:
         """Whole-sector read of a mostly-backing range: the backing in one read, then the COW sectors
