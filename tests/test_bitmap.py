@@ -77,3 +77,43 @@ def test_file_bitmap_runs_count_and_set_range(data):
                 os.close(fd)
     finally:
         bm.WINDOW, bm.CHUNK, bm.CACHE_CHUNKS = old
+
+
+def model_mixed_pages(bits: list[int]) -> list[int]:
+    """Pages (8 bits each, the last one possibly shorter) whose bits are neither all set nor all clear."""
+    return [p for p in range(-(-len(bits) // 8)) if 0 < sum(bits[8 * p : 8 * p + 8]) < len(bits[8 * p : 8 * p + 8])]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_scan_and_summary_count_bits_and_mixed_pages_like_the_model(data):
+    old = (bm.WINDOW, bm.CHUNK, bm.CACHE_CHUNKS)
+    window = data.draw(st.sampled_from([1, 3, 8, 9, 64]))
+    bm.WINDOW, bm.CHUNK, bm.CACHE_CHUNKS = window, 5, 2
+    try:
+        nbytes = data.draw(st.integers(1, 120))
+        # bytes of real bitmaps: mostly 0x00 and 0xFF (whole pages, 64-bit words skipped), some mixed
+        byte = st.one_of(st.sampled_from([0, 0xFF]), st.integers(0, 255))
+        content = bytes(data.draw(st.lists(byte, min_size=nbytes, max_size=nbytes)))
+        nbits = data.draw(st.integers(1, 8 * nbytes))
+        model = bits_of(content)[:nbits]
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "bits")
+            with open(path, "wb") as f:
+                f.write(b"H" * 5 + content + b"\xff" * 9)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                bitmap = Bitmap(fd, 5, nbytes, nbits)
+                limit = data.draw(st.integers(0, 20))
+                expected = model_mixed_pages(model)
+                assert bitmap.summary(limit) == (sum(model), len(expected), expected[:limit])
+                assert bitmap.count_mixed(limit) == (len(expected), expected[:limit])
+                assert [int(p) for pages, _ in bitmap.mixed() for p in pages] == expected
+                lo = data.draw(st.integers(0, len(content)))
+                hi = data.draw(st.integers(lo, len(content)))
+                got = [int(p) for pages, _ in bitmap.mixed(lo, hi) for p in pages]
+                assert got == [p for p in expected if lo <= p < hi]
+            finally:
+                os.close(fd)
+    finally:
+        bm.WINDOW, bm.CHUNK, bm.CACHE_CHUNKS = old

@@ -269,46 +269,50 @@ def test_write_past_end_refused_and_changes_nothing(tmp_path, size) -> None:
     assert cow.read_bytes() == before
 
 
-def test_unaligned_write_fills_partial_sectors_from_backing(tmp_path) -> None:
+def test_unaligned_write_fills_its_whole_page_from_backing(tmp_path) -> None:
     cow, backing, model = make_disk(tmp_path, 65536)
-    data = bytes(range(256)) * 4  # 1024 bytes at 700: sectors 1..3, partial at both ends
+    data = bytes(range(256)) * 4  # 1024 bytes at 700: sectors 1..3, inside page 0
     with ubdcow.open(cow, "r+") as img:
         assert img.pwrite(data, 700) == len(data)
         model[700:1724] = data
         assert img.pread(65536, 0) == model
-    assert [bit_is_set(cow, s) for s in range(6)] == [False, True, True, True, False, False]
-    # the COW data area holds whole sectors: the partial ends were filled from the backing
-    assert raw_data(cow, 512, 3 * 512) == model[512:2048]
-    assert raw_data(cow, 512, 188) == backing.read_bytes()[512:700]
+    # the whole page (sectors 0..7) is COW now, and no sector of the next page
+    assert [bit_is_set(cow, s) for s in range(10)] == [True] * 8 + [False, False]
+    # the COW data area holds the whole page: the untouched sectors were filled from the backing
+    assert raw_data(cow, 0, 4096) == model[:4096]
+    original = backing.read_bytes()
+    assert raw_data(cow, 0, 700) == original[:700]
+    assert raw_data(cow, 1724, 4096 - 1724) == original[1724:4096]
     with ubdcow.open(cow) as img:  # and it survives a reopen
         assert img.read() == model
 
 
-def test_unaligned_write_fills_partial_sectors_from_cow(tmp_path) -> None:
+def test_unaligned_write_fills_its_page_from_cow_and_backing(tmp_path) -> None:
     cow, _, model = make_disk(tmp_path, 65536)
     with ubdcow.open(cow, "r+") as img:
-        img.pwrite(b"A" * 10, 1000)  # sector 1 now lives in the COW file
+        img.pwrite(b"A" * 10, 1000)  # page 0 now lives in the COW file
         img.pwrite(b"B" * 10, 1020)  # must keep the A's, not refill from the backing
-        img.pwrite(b"C" * 600, 1500)  # crosses from sector 2 into 3 and 4
+        img.pwrite(b"C" * 600, 4000)  # crosses from page 0 into page 1
         model[1000:1010] = b"A" * 10
         model[1020:1030] = b"B" * 10
-        model[1500:2100] = b"C" * 600
+        model[4000:4600] = b"C" * 600
         assert img.read() == model
-    assert raw_data(cow, 512, 4 * 512) == model[512:2560]
-    assert [bit_is_set(cow, s) for s in range(6)] == [False, True, True, True, True, False]
+    assert raw_data(cow, 0, 8192) == model[:8192]
+    assert [bit_is_set(cow, s) for s in range(18)] == [True] * 16 + [False, False]
 
 
-def test_write_partial_last_sector_of_odd_disk(tmp_path) -> None:
-    size = 50001  # 97 full sectors and 337 bytes
+def test_write_partial_last_page_of_odd_disk(tmp_path) -> None:
+    size = 50001  # 97 full sectors and 337 bytes: the last page is sectors 96 and 97
     cow, _, model = make_disk(tmp_path, size)
     last = size // SECTOR
+    page = last // 8 * 8
     with ubdcow.open(cow, "r+") as img:
         img.pwrite(b"Z" * 5, size - 5)
         model[-5:] = b"Z" * 5
         assert img.pread(size, 0) == model
-        assert [e for e in img.extents() if e[2] == "cow"] == [(last * SECTOR, size - last * SECTOR, "cow")]
-    assert bit_is_set(cow, last)
-    assert raw_data(cow, last * SECTOR, size - last * SECTOR) == model[last * SECTOR :]
+        assert [e for e in img.extents() if e[2] == "cow"] == [(page * SECTOR, size - page * SECTOR, "cow")]
+    assert [bit_is_set(cow, s) for s in range(page - 1, last + 1)] == [False, True, True]
+    assert raw_data(cow, page * SECTOR, size - page * SECTOR) == model[page * SECTOR :]
 
 
 def test_write_zeroes_sets_bits_punches_holes_and_zeroes_edges(tmp_path) -> None:
@@ -344,6 +348,19 @@ def test_write_zeroes_sets_bits_punches_holes_and_zeroes_edges(tmp_path) -> None
     assert raw_data(cow, tail, SECTOR) == model[tail : tail + SECTOR]
 
 
+def page_runs(byte_ranges: list[tuple[int, int]], size: int) -> list[list[int]]:
+    """``[first_sector, count]`` of the whole pages (8 sectors, the last one short) that byte ranges touch."""
+    sectors = -(-size // SECTOR)
+    runs: list[list[int]] = []
+    for a, b in byte_ranges:
+        first, last = a // 4096 * 8, min(-(-b // 4096) * 8, sectors)
+        if runs and runs[-1][0] + runs[-1][1] >= first:
+            runs[-1][1] = max(runs[-1][1], last - runs[-1][0])
+        else:
+            runs.append([first, last - first])
+    return runs
+
+
 @pytest.mark.parametrize("method", ["write_zeroes", "discard"])
 @pytest.mark.parametrize("size", [65536, 50001])
 def test_zeroing_over_backing_reads_zeros_not_backing(tmp_path, method, size) -> None:
@@ -356,23 +373,25 @@ def test_zeroing_over_backing_reads_zeros_not_backing(tmp_path, method, size) ->
         assert img.read() == model
         cow_runs = sector_runs(img.extents())
         zero = [e for e in img.mapping() if e.source == "zero"]
-    runs = [[a // SECTOR, -(-b // SECTOR) - a // SECTOR] for a, b in ((1000, 21000), (size - 700, size))]
-    assert cow_runs == runs
+    # whole pages: the partial pages at either end became COW with their other bytes kept
+    assert cow_runs == page_runs([(1000, 21000), (size - 700, size)], size)
     assert any(e.length >= 4096 for e in zero)  # whole blocks of the data area are holes
     with ubdcow.open(cow) as img:
         assert img.read() == model
     original = backing.read_bytes()  # the zeros did not come from the backing
     assert all(original[a:b].strip(b"\0") for a, b in ((1000, 21000), (size - 700, size)))
+    assert raw_data(cow, 0, 1000) == original[:1000]  # the rest of the first page was filled from the backing
 
 
 def test_write_zeroes_inside_one_sector(tmp_path) -> None:
-    cow, _, model = make_disk(tmp_path, 65536)
+    cow, backing, model = make_disk(tmp_path, 65536)
     with ubdcow.open(cow, "r+") as img:
         img.write_zeroes(5000, 10)
         model[5000:5010] = bytes(10)
         assert img.read() == model
-        assert sector_runs(img.extents()) == [[9, 1]]
-    assert raw_data(cow, 9 * SECTOR, SECTOR) == model[9 * SECTOR : 10 * SECTOR]
+        assert sector_runs(img.extents()) == [[8, 8]]  # its page, sectors 8..15
+    assert raw_data(cow, 4096, 4096) == model[4096:8192]
+    assert raw_data(cow, 4096, 904) == backing.read_bytes()[4096:5000]
 
 
 # -- v1 rounding bug, sector size, modes -------------------------------------------

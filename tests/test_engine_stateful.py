@@ -70,8 +70,10 @@ class CowDiskMachine(RuleBasedStateMachine):
         return offset, length
 
     def _touch(self, offset: int, length: int) -> None:
+        """Every write covers the whole 4 KiB pages it touches (the last page of the disk may be short)."""
         if length:
-            self.cow_sectors.update(range(offset // SECTOR, -(-(offset + length) // SECTOR)))
+            sectors = -(-self.size // SECTOR)
+            self.cow_sectors.update(range(offset // 4096 * 8, min(-(-(offset + length) // 4096) * 8, sectors)))
 
     # -- rules -----------------------------------------------------------------------
     @precondition(lambda self: self.img is not None)
@@ -171,6 +173,23 @@ class CowDiskMachine(RuleBasedStateMachine):
                 got.update(range(start // SECTOR, -(-(start + length) // SECTOR)))
         assert pos == self.size
         assert got == self.cow_sectors
+
+    @invariant()
+    def no_mixed_pages(self) -> None:
+        """Read from the file's own bitmap bytes: every page is all set or all clear (the disk starts empty)."""
+        if self.img is None:
+            return
+        header = self.img.header
+        with open(self.cow, "rb") as f:
+            f.seek(header.bitmap_offset)
+            raw = f.read(header.bitmap_len)
+        sectors = header.sectors
+        for page, byte in enumerate(raw):
+            n = min(8, sectors - 8 * page)
+            if n <= 0:
+                break
+            mask = (1 << n) - 1
+            assert byte & mask in (0, mask), f"page {page} is mixed: bits {byte & mask:08b}"
 
     @invariant()
     def mapping_agrees_with_content(self) -> None:

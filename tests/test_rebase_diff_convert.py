@@ -34,6 +34,7 @@ from ubdcow.inspect import map_image
 from ubdcow.merge import merge
 
 SECTOR = 512
+PAGE = 4096
 WINDOW = 4 << 20  # the window size rebase and diff work in: runs crossing it are interesting
 FAIL = "UBDCOW-FAIL"
 OTHER_MTIME = 1_577_836_800  # 2020-01-01: differs from every header mtime used here
@@ -71,6 +72,20 @@ def honoured_bits(path: Path) -> set[int]:
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
     nbits = min(-(-h.size // SECTOR), 8 * h.bitmap_len)
     return set(np.flatnonzero(bits[:nbits]).tolist())
+
+
+def pages_of(sectors: set[int], nsect: int) -> set[int]:
+    """The sectors of the whole 4 KiB pages (8 sectors; the disk's last page may be short) holding ``sectors``."""
+    return {s for p in {x // 8 for x in sectors} for s in range(8 * p, min(8 * p + 8, nsect))}
+
+
+def mixed_pages(path: Path) -> list[int]:
+    """Pages whose honoured bits are neither all set nor all clear, from the file's bitmap bytes."""
+    h = ubdcow.read_header(path)
+    bits = honoured_bits(path)
+    nsect = min(h.sectors, 8 * h.bitmap_len)
+    pages = range(-(-nsect // 8))
+    return [p for p in pages if 0 < len(bits & set(range(8 * p, 8 * p + 8))) < min(8, nsect - 8 * p)]
 
 
 def sectors_of(extents: list[list[int]]) -> set[int]:
@@ -361,7 +376,9 @@ def test_safe_rebase_onto_modified_copy_keeps_the_content(tmp_path, seed, size):
     h = ubdcow.read_header(cow)
     assert (h.layout, h.backing_file, h.mtime, h.size) == ("v3", os.path.realpath(new), OTHER_MTIME, size)
     assert out["backing_file"] == h.backing_file and out["mtime"] == OTHER_MTIME
-    assert honoured_bits(cow) == set_before | differ, "the set bits must grow by exactly the copied sectors"
+    assert not mixed_pages(cow)
+    grown = set_before | pages_of(differ, nsect)
+    assert honoured_bits(cow) == grown, "the set bits must grow by exactly the pages of the copied sectors"
     assert_same(virtual_disk(cow), content_before, "the virtual disk after the rebase")
     assert stamp(old) == old_stamp, "the old backing file changed"
     assert new.read_bytes() == new_bytes and new.stat().st_mtime == OTHER_MTIME
@@ -408,15 +425,22 @@ def test_safe_rebase_of_v1_file_with_the_rounding_bug(unpack):
     h0 = ubdcow.read_header(c.cow)
     out = json.loads(cli_ok("rebase", c.cow, "--backing", good, "--old-backing", c.backing, "--json"))
     assert out["copied_sectors"] == 11  # 1949 is already in the COW file
+    # the mixed page 243 (1948-1951 written by the kernel) was made whole from the old backing file
+    assert (out["filled_pages"], mixed_pages(c.cow)) == (1, [])
     h = ubdcow.read_header(c.cow)
     assert (h.layout, h.byteorder, h.data_offset) == ("v1", h0.byteorder, h0.data_offset)
     assert h.backing_file == os.path.realpath(good)
-    assert honoured_bits(c.cow) == honoured | set(range(10, 21))
+    assert honoured_bits(c.cow) == honoured | set(range(8, 24)) | set(range(1944, 1952))
     raw = c.cow.read_bytes()
     # the stray bits the kernel wrote past the bitmap, and the data of untouched sectors, are as they were
-    assert raw[h.bitmap_offset + h.bitmap_len : h.data_offset + 10 * SECTOR] == original[
-        h.bitmap_offset + h.bitmap_len : h.data_offset + 10 * SECTOR]
-    assert raw[h.data_offset + 21 * SECTOR :] == original[h.data_offset + 21 * SECTOR :]
+    assert raw[h.bitmap_offset + h.bitmap_len : h.data_offset + 8 * SECTOR] == original[
+        h.bitmap_offset + h.bitmap_len : h.data_offset + 8 * SECTOR]
+    assert raw[h.data_offset + 24 * SECTOR : h.data_offset + 1944 * SECTOR] == original[
+        h.data_offset + 24 * SECTOR : h.data_offset + 1944 * SECTOR]
+    assert raw[h.data_offset + 1948 * SECTOR :] == original[h.data_offset + 1948 * SECTOR :]
+    # the filled sectors hold the old backing's bytes
+    assert raw[h.data_offset + 1944 * SECTOR : h.data_offset + 1948 * SECTOR] == old_bytes[
+        1944 * SECTOR : 1948 * SECTOR]
     assert_same(virtual_disk(c.cow), c.expected_bytes, "content after the rebase")
 
 
@@ -478,25 +502,35 @@ def random_base(size: int, rng: random.Random) -> bytes:
     return bytes(data)
 
 
+def differing_pages(a: bytes | bytearray, b: bytes | bytearray) -> set[int]:
+    assert len(a) == len(b)
+    return {i // PAGE for i in range(0, len(a), PAGE) if a[i : i + PAGE] != b[i : i + PAGE]}
+
+
 def verify_diff(base: Path, modified: bytes, cow: Path, result: object | None = None) -> None:
-    """Everything a diff output must satisfy, checked against plain byte comparisons."""
+    """Everything a diff output must satisfy, checked against plain byte comparisons: whole pages."""
     size = len(modified)
+    nsect = -(-size // SECTOR)
     base_bytes = base.read_bytes()
-    differ = differing_sectors(base_bytes, modified)
-    zero = {s for s in differ if not any(modified[s * SECTOR : (s + 1) * SECTOR])}
+    pages = differing_pages(base_bytes, modified)
+    zero_pages = {p for p in pages if not any(modified[p * PAGE : (p + 1) * PAGE])}
+    bits = {s for p in pages for s in range(8 * p, min(8 * p + 8, nsect))}
+    zero = {s for p in zero_pages for s in range(8 * p, min(8 * p + 8, nsect))}
+    assert differing_sectors(base_bytes, modified) <= bits
     h = ubdcow.read_header(cow)
     assert (h.layout, h.backing_file, h.mtime, h.size, h.sectorsize) == (
         "v3", os.path.realpath(base), int(base.stat().st_mtime), size, SECTOR)
-    assert honoured_bits(cow) == differ
-    assert ubdcow.info(cow)["cow_sectors"] == len(differ)
+    assert honoured_bits(cow) == bits
+    assert not mixed_pages(cow)
+    assert ubdcow.info(cow)["cow_sectors"] == len(bits)
     if result is not None:
-        assert (result.sectors, result.zero_sectors) == (len(differ), len(zero))  # type: ignore[attr-defined]
-    # data only where a differing sector is non-zero: the zero ones are holes with their bit set
+        got = (result.sectors, result.zero_sectors, result.pages)  # type: ignore[attr-defined]
+        assert got == (len(bits), len(zero), len(pages))
+    # data only where a differing page is non-zero: the zero ones are holes with their bits set
     block = os.statvfs(cow).f_frsize
-    per_block = block // SECTOR
-    allowed = {s // per_block for s in differ - zero}
+    allowed = {b for p in pages - zero_pages for b in range(p * PAGE // block, -(-(p + 1) * PAGE // block))}
     have = data_blocks(cow, h.data_offset, h.data_offset + device_bytes(size))
-    assert have <= allowed, f"data in blocks {sorted(have - allowed)} that hold no non-zero differing sector"
+    assert have <= allowed, f"data in blocks {sorted(have - allowed)} that hold no non-zero differing page"
     assert_same(virtual_disk(cow), modified, "the diff's virtual disk")
 
 
@@ -542,8 +576,11 @@ def test_diff_across_the_window_with_zeroed_megabyte_is_sparse(tmp_path):
     mod.write_bytes(modified)
     cow = tmp_path / "thin.cow"
     out = json.loads(cli_ok("diff", base, mod, "-o", cow, "--json"))
-    differ = differing_sectors(base_bytes, modified)
-    assert out["sectors"] == len(differ) and out["zero_sectors"] == 2048
+    pages = differing_pages(base_bytes, modified)
+    # pages 1-255 are all zeros; pages 0 and 256 keep some of the base's bytes, so they are data;
+    # the last page (it differs) is short: 4 sectors
+    assert out["sectors"] == 8 * (len(pages) - 1) + 4 and out["zero_sectors"] == 8 * 255
+    assert out["pages"] == len(pages)
     verify_diff(base, bytes(modified), cow)
     assert cow.stat().st_blocks * 512 < 256 * 1024, "the zeroed megabyte was written as data"
     cli_ok("merge", cow, "-o", tmp_path / "merged.img")
@@ -567,7 +604,8 @@ def test_diff_of_odd_size_image_partial_last_sector(tmp_path, tail):
     mod.write_bytes(modified)
     cow = tmp_path / "thin.cow"
     cli_ok("diff", base, mod, "-o", cow)
-    assert honoured_bits(cow) == ({3, 100} if tail != "same" else {3})
+    # whole pages: sector 3's page, and the short last page (sectors 96-100)
+    assert honoured_bits(cow) == (set(range(8)) | set(range(96, 101)) if tail != "same" else set(range(8)))
     verify_diff(base, bytes(modified), cow)
     cli_ok("merge", cow, "-o", tmp_path / "merged.img")
     merged = (tmp_path / "merged.img").read_bytes()

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._io import pread_into, pwrite_all
 
-__all__ = ["Bitmap", "iter_runs", "popcount"]
+__all__ = ["Bitmap", "iter_runs", "popcount", "window_stats", "PAGE_SECTORS", "PAGE_SIZE"]
 
 #: Bytes of bitmap looked at per step of a scan (8 Mi sectors, 4 GiB of disk).
 WINDOW = 1 << 20
@@ -23,18 +23,68 @@ CACHE_CHUNKS = 64
 # Below this many bits, runs are found with Python integers (cheaper than numpy).
 _SMALL = 4096
 
+#: Sectors in a 4 KiB page of the virtual disk: one bitmap byte. The Linux ubd driver misreads a page
+#: whose bits are mixed (some set, some clear) in multi-page requests, so writers keep pages whole.
+PAGE_SECTORS = 8
+PAGE_SIZE = 4096
+
 Run = tuple[int, int, bool]
 
 if hasattr(np, "bitwise_count"):
 
-    def _popcount_array(arr: np.ndarray) -> int:
+    def _popcount_small(arr: np.ndarray) -> int:
         return int(np.bitwise_count(arr).sum(dtype=np.int64))
 
 else:  # numpy < 2.0
     _POP = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
-    def _popcount_array(arr: np.ndarray) -> int:
-        return int(_POP[arr].sum(dtype=np.int64))
+    def _popcount_small(arr: np.ndarray) -> int:
+        return int(_POP[arr.view(np.uint8)].sum(dtype=np.int64))
+
+
+_ALL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+def _words(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``arr`` (bytes) as 64-bit words and the bytes left over."""
+    n8 = arr.size // 8 * 8
+    return arr[:n8].view(np.uint64), arr[n8:]
+
+
+def _popcount_array(arr: np.ndarray) -> int:
+    """Set bits in a byte array; the all-zero and all-one words that fill real bitmaps cost one compare."""
+    words, rest = _words(arr)
+    partial = words[(words + np.uint64(1)) > 1]  # neither 0 nor all ones (wraps)
+    full = int(np.count_nonzero(words)) - partial.size
+    return int(64 * full + _popcount_small(partial) + _popcount_small(rest))
+
+
+def window_stats(arr: np.ndarray, tail: int = 0) -> tuple[int, np.ndarray]:
+    """Set bits and mixed pages (bytes neither 0x00 nor 0xFF) of a window of bitmap bytes.
+
+    ``tail`` is the number of honoured bits in the last byte (0: all 8).
+    Returns ``(set bits, indexes of the mixed bytes)``.
+    """
+    last = None
+    if tail:
+        mask = (1 << tail) - 1
+        last = int(arr[-1]) & mask
+        arr = arr[:-1]
+    words, rest = _words(arr)
+    odd = np.flatnonzero((words + np.uint64(1)) > 1)
+    full = int(np.count_nonzero(words)) - odd.size
+    odd_bytes = words[odd].view(np.uint8).reshape(-1, 8)
+    count = 64 * full + _popcount_small(odd_bytes) + _popcount_small(rest)
+    col = np.flatnonzero((odd_bytes + np.uint8(1)).ravel() > 1)
+    mixed = odd[col // 8] * 8 + col % 8
+    more = [words.size * 8 + i for i, b in enumerate(rest.tolist()) if b not in (0, 0xFF)]
+    if last is not None:
+        count += bin(last).count("1")
+        if last not in (0, mask):
+            more.append(arr.size)
+    if more:
+        mixed = np.concatenate((mixed, np.array(more, dtype=mixed.dtype)))
+    return count, mixed
 
 
 def _masked(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: int) -> np.ndarray:
@@ -55,7 +105,15 @@ def popcount(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: i
     """Number of set bits in [lo, hi) of ``buf``, whose bit 0 is bit ``first_bit``."""
     if hi <= lo:
         return 0
-    return _popcount_array(_masked(buf, first_bit, lo, hi))
+    a = (lo - first_bit) // 8
+    b = (hi - first_bit + 7) // 8
+    if b - a <= 2:
+        return _popcount_small(_masked(buf, first_bit, lo, hi))
+    # a view, not a copy: the partial first and last bytes are counted apart, masked
+    inner = np.frombuffer(buf, dtype=np.uint8, count=b - a - 2, offset=a + 1)
+    edges = _masked(buf, first_bit, lo, lo - (lo - first_bit) % 8 + 8)
+    last = _masked(buf, first_bit, first_bit + 8 * (b - 1), hi)
+    return _popcount_array(inner) + _popcount_small(edges) + _popcount_small(last)
 
 
 def iter_runs(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: int) -> Iterator[Run]:
@@ -203,6 +261,42 @@ class Bitmap:
             return False
         buf, base = self._bytes(sector // 8, sector // 8 + 1)
         return bool(buf[sector // 8 - base] >> (sector % 8) & 1)
+
+    def scan(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, np.ndarray, int]]:
+        """Pages [lo, hi) a window at a time: ``(set bits, mixed page indexes, end page)`` per window.
+
+        Page *p* (sectors 8p..8p+7) is bitmap byte *p*; it is mixed when its
+        honoured bits are neither all set nor all clear. A last, partial page
+        (fewer than 8 honoured sectors) is mixed when its bits disagree.
+        """
+        top = -(-self.nbits // PAGE_SECTORS)
+        hi = top if hi is None else min(hi, top)
+        for buf, first_bit, w_lo, w_hi in self.windows(lo * PAGE_SECTORS, hi * PAGE_SECTORS):
+            a = (w_lo - first_bit) // 8
+            arr = np.frombuffer(buf, dtype=np.uint8, count=(w_hi - w_lo + 7) // 8, offset=a)
+            count, pages = window_stats(arr, w_hi % PAGE_SECTORS)
+            yield count, pages + w_lo // PAGE_SECTORS, -(-w_hi // PAGE_SECTORS)
+
+    def mixed(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
+        """Mixed pages of pages [lo, hi) (see :meth:`scan`): ``(indexes, end page)`` per window."""
+        for _, pages, end in self.scan(lo, hi):
+            yield pages, end
+
+    def summary(self, limit: int = 16) -> tuple[int, int, list[int]]:
+        """One pass over the bitmap: set bits, mixed pages, and the indexes of the first ``limit`` of those."""
+        count = mixed = 0
+        first: list[int] = []
+        for n, pages, _ in self.scan():
+            count += n
+            mixed += int(pages.size)
+            if len(first) < limit:
+                first += pages[: limit - len(first)].tolist()
+        return count, mixed, first
+
+    def count_mixed(self, limit: int = 16) -> tuple[int, list[int]]:
+        """Number of mixed pages (see :meth:`scan`) and the indexes of the first ``limit``."""
+        _, mixed, first = self.summary(limit)
+        return mixed, first
 
     # -- writing -----------------------------------------------------------
     def set_range(self, lo: int, hi: int) -> None:

@@ -2,6 +2,11 @@
 
 Exit codes of the command: 0 clean, 1 the check could not run, 2 corruption
 found, 3 only a backing-file problem (the image is fine but UML would refuse it).
+
+Mixed pages (4 KiB pages of the disk with some bits set and some clear) are a
+warning: the content is what the file defines, but the Linux ubd driver
+misreads it; ``repair=True`` makes them whole first (see
+:meth:`~ubdcow.CowImage.fill_mixed_pages`).
 """
 
 from __future__ import annotations
@@ -13,16 +18,18 @@ from typing import Any, Literal
 
 from . import lock as _lock
 from ._io import Segments, mtime_seconds, pread_into
-from .bitmap import Bitmap, iter_runs
+from .bitmap import PAGE_SIZE, Bitmap, iter_runs
 from .errors import BackingFileError, CorruptHeaderError, ImageIOError, UnsupportedVersionError
 from .format import HOST_ORDER, SECTOR_SIZE, CowHeader
-from .image import CowFile, mismatch_message, open_backing
+from .image import CowFile, CowImage, mismatch_message, open_backing
 
 __all__ = ["Finding", "CheckReport", "check", "EXIT_CLEAN", "EXIT_FAILED", "EXIT_CORRUPT", "EXIT_BACKING"]
 
 EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_BACKING = 0, 1, 2, 3
 Severity = Literal["error", "warning", "info"]
 BACKING_CODES = frozenset({"backing-missing", "backing-unreadable", "backing-size", "backing-mtime"})
+#: how many mixed-page offsets a report lists
+MIXED_OFFSETS = 16
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,11 @@ class CheckReport:
     findings: list[Finding] = field(default_factory=list)
     #: what the scan counted: ``sectors``, ``written_sectors``, ``hole_sectors`` (set bits over holes)
     stats: dict[str, int] = field(default_factory=dict)
+    #: pages with some bits set and some clear, and the byte offsets of the first few
+    mixed_pages: int = 0
+    mixed_page_offsets: list[int] = field(default_factory=list)
+    #: mixed pages made whole before the check (``repair=True``)
+    repaired_pages: int = 0
 
     def add(self, code: str, severity: Severity, message: str) -> None:
         self.findings.append(Finding(code, severity, message))
@@ -65,6 +77,9 @@ class CheckReport:
             "exit_code": self.exit_code,
             "findings": [asdict(f) for f in self.findings],
             "stats": dict(self.stats),
+            "mixed_pages": self.mixed_pages,
+            "mixed_page_offsets": list(self.mixed_page_offsets),
+            "repaired_pages": self.repaired_pages,
         }
 
 
@@ -169,6 +184,23 @@ def _check_rounding(report: CheckReport, fd: int, h: CowHeader, bitmap: Bitmap) 
     )
 
 
+def _check_pages(report: CheckReport, bitmap: Bitmap) -> None:
+    count, first = bitmap.count_mixed(MIXED_OFFSETS)
+    report.mixed_pages = count
+    report.mixed_page_offsets = [p * PAGE_SIZE for p in first]
+    if not count:
+        return
+    where = ", ".join(str(p * PAGE_SIZE) for p in first[:4]) + (", ..." if count > 4 else "")
+    report.add(
+        "mixed-pages",
+        "warning",
+        f"{count} mixed page{'s' if count > 1 else ''} (4 KiB pages of the disk with some sectors in the COW file "
+        f"and some in the backing file), at byte offset{'s' if count > 1 else ''} {where}: the Linux ubd driver "
+        "returns wrong data for the pages after a mixed page in a multi-page read, so a guest's filesystem can "
+        "see corrupt data",
+    )
+
+
 def _check_backing(
     report: CheckReport, h: CowHeader, cow_path: str, cow_stat: os.stat_result, backing: str | os.PathLike[str] | None
 ) -> None:
@@ -216,12 +248,35 @@ def check(
     *,
     backing: str | os.PathLike[str] | None = None,
     progress: Callable[[int], Any] | None = None,
+    repair: bool = False,
+    lock: bool = True,
 ) -> CheckReport:
     """Check a COW file; raises :class:`~ubdcow.UbdCowError` only when the check cannot run.
 
     A file that is not a COW file at all (wrong magic) or cannot be opened
-    raises; a damaged COW file gives a report with findings.
+    raises; a damaged COW file gives a report with findings. With ``repair``,
+    mixed pages are first made whole in place, under the write lock (``lock``),
+    from the backing file, which must match the header (else it raises).
     """
+    repaired = _repair(cow_path, backing, lock) if repair else 0
+    report = _check(cow_path, backing, progress)
+    report.repaired_pages = repaired
+    return report
+
+
+def _repair(cow_path: str | os.PathLike[str], backing: str | os.PathLike[str] | None, lock: bool) -> int:
+    with CowFile(cow_path, lock=False) as cow:
+        if not cow.bitmap.count_mixed(0)[0]:
+            return 0  # nothing to do: no need for the write lock or the backing file
+    with CowImage(cow_path, "r+", backing=backing, lock=lock) as img:
+        return img.fill_mixed_pages()
+
+
+def _check(
+    cow_path: str | os.PathLike[str],
+    backing: str | os.PathLike[str] | None,
+    progress: Callable[[int], Any] | None,
+) -> CheckReport:
     cow_path = os.fspath(cow_path)
     report = CheckReport(cow_path)
     try:
@@ -257,6 +312,7 @@ def check(
         _check_rounding(report, fd, h, bitmap)
         if length >= h.data_offset:
             _scan(report, fd, h, bitmap, length, progress)
+        _check_pages(report, bitmap)
         _check_backing(report, h, cow_path, st, backing)
     except OSError as exc:  # an I/O error reading the COW file: the check could not run
         raise ImageIOError(cow_path, f"cannot check: {exc.strerror}", errno=exc.errno) from None

@@ -275,10 +275,13 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     from .check import check
 
     with Bar(out, _disk_size(args.cow), "check") as bar:
-        report = check(args.cow, backing=args.backing, progress=bar.update)
+        report = check(args.cow, backing=args.backing, progress=bar.update, repair=args.repair, lock=not args.no_lock)
     if out.json:
         out.dump(report.as_dict())
         return report.exit_code
+    if args.repair:
+        n = report.repaired_pages
+        out.line(f"repaired {n} mixed page{'' if n == 1 else 's'}" + (" (made whole, same content)" if n else ""))
     stats = report.stats
     if stats:
         share = 100.0 * stats["written_sectors"] / stats["sectors"] if stats["sectors"] else 0.0
@@ -290,13 +293,15 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         out.line(f"{f.severity}: {f.message} [{f.code}]")
     warned = any(f.severity == "warning" for f in report.findings)
     verdict = {
-        0: "clean" + (" (the warnings above are harmless)" if warned else ""),
+        0: "clean" + (" (the warnings above do not make it corrupt)" if warned else ""),
         2: "corruption found",
         3: "the image is fine, but its backing file is missing or does not match: UML would refuse it",
     }[report.exit_code]
     out.line(f"{args.cow}: {verdict}")
     if report.exit_code == 3 and any(f.code == "backing-mtime" for f in report.findings):
         out.line(f"hint: if the backing file's content is unchanged: ubdcow rebase --unsafe {args.cow} --backing PATH")
+    if report.mixed_pages:
+        out.line(f"hint: make the mixed pages whole (the content stays the same): ubdcow check --repair {args.cow}")
     return report.exit_code
 
 
@@ -338,8 +343,10 @@ def cmd_rebase(args: argparse.Namespace, out: Output) -> int:
     if out.json:
         out.dump(result.as_dict())
     else:
-        n = result.copied_sectors
+        n, f = result.copied_sectors, result.filled_pages
         copied = "" if result.unsafe else f"; {n} sector{'' if n == 1 else 's'} copied in to keep the content"
+        if f:
+            copied += f", {f} mixed page{'' if f == 1 else 's'} made whole"
         out.line(f"rebased {args.cow} onto {result.backing_file} (mtime {result.mtime}){copied}")
     return EXIT_OK
 
@@ -360,8 +367,8 @@ def cmd_diff(args: argparse.Namespace, out: Output) -> int:
         out.dump(result.as_dict())
     else:
         out.line(
-            f"wrote {result.output}: {result.sectors} sectors differ from {args.base} "
-            f"({result.zero_sectors} of them zeros, stored as holes)"
+            f"wrote {result.output}: {result.pages} pages ({result.sectors} sectors) differ from {args.base} "
+            f"({result.zero_sectors} sectors of them zeros, stored as holes)"
         )
     return EXIT_OK
 
@@ -374,16 +381,26 @@ def cmd_convert(args: argparse.Namespace, out: Output) -> int:
             args.cow,
             args.output,
             layout=args.layout,
+            backing=args.backing,
             overwrite=args.overwrite,
             lock=not args.no_lock,
             progress=bar.update,
         )
+    if result.mixed_pages:
+        n = result.mixed_pages
+        print(
+            f"warning: {result.output}: {n} mixed page{'' if n == 1 else 's'} carried over as "
+            f"{'it is' if n == 1 else 'they are'} ({result.backing_problem}); the Linux ubd driver misreads "
+            f"them: fix with ubdcow check --repair {result.output} once the backing file matches",
+            file=out.stderr,
+        )
     if out.json:
         out.dump(result.as_dict())
     else:
+        filled = f", {result.filled_pages} mixed pages made whole" if result.filled_pages else ""
         out.line(
             f"converted {args.cow} ({result.source_layout}) -> {result.output} ({result.layout}), "
-            f"{result.sectors} written sectors carried over"
+            f"{result.sectors} written sectors carried over{filled}"
         )
     return EXIT_OK
 
@@ -488,11 +505,19 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="check a COW file's consistency (exit 0 clean, 2 corrupt, 3 backing mismatch)",
         description="Check the header, the file length, the bitmap (stray bits, the v1/v2 rounding "
-        "bug) and the backing file. Exit codes: 0 clean, 1 the check could not run, "
-        "2 corruption found, 3 only a backing file mismatch (UML would refuse it).",
+        "bug, mixed pages) and the backing file. Exit codes: 0 clean (warnings included), 1 the check "
+        "could not run (or --repair was refused), 2 corruption found, 3 only a backing file mismatch "
+        "(UML would refuse it).",
     )
     p.add_argument("cow", metavar="COW", help="the COW file")
     p.add_argument("--backing", metavar="PATH", help="check against this backing file instead of the recorded one")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="first make every mixed page whole, in place, from the backing file (which must match; only read): "
+        "the content stays the same",
+    )
+    _no_lock(p, "write")
     _common(p)
     p.set_defaults(func=cmd_check, error_code=1)
 
@@ -549,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cow", metavar="COW", help="the COW file")
     p.add_argument("-o", "--output", metavar="NEW", required=True, help="the COW file to write")
     p.add_argument("--layout", choices=["v1", "v2", "v3", "v3-broken"], default="v3", help="(default: v3)")
+    p.add_argument(
+        "--backing",
+        metavar="PATH",
+        help="the backing file to fill mixed pages from, if not at its recorded path (only read)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _no_lock(p)
     _common(p)

@@ -2,7 +2,11 @@
 
 The new file has the same header facts (backing path, mtime, size), the same
 honoured set bits and the same data; it is written beside the target and
-renamed into place. The source is only read and the backing file not at all.
+renamed into place. The source is only read. Mixed pages (4 KiB pages of the
+disk with some bits set and some clear, which the Linux ubd driver misreads)
+come out whole: their clear sectors are copied from the backing file (only
+read, and only when it matches the header). Without a usable backing file
+they are carried over as they are and counted in the result.
 """
 
 from __future__ import annotations
@@ -13,25 +17,36 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ._atomic import AtomicFile, check_output_path
-from ._io import Segments, copy_range, pwrite_all
+from ._io import Segments, copy_range, mtime_seconds, pwrite_all, read_at
 from ._result import Result
-from .errors import ImageIOError, UnrecordableWriteError
+from .bitmap import PAGE_SECTORS, PAGE_SIZE
+from .errors import BackingFileError, ImageIOError, UnrecordableWriteError
 from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, Layout
-from .image import CowFile, backing_stats
+from .image import CowFile, backing_stats, mismatch_message, open_backing
 
 __all__ = ["ConvertResult", "convert"]
 
 
 @dataclass(frozen=True)
 class ConvertResult(Result):
-    """The converted file's layout and what was carried over."""
+    """The converted file's layout and what was carried over.
+
+    ``filled_pages`` mixed pages were made whole from the backing file;
+    ``mixed_pages`` were carried over mixed because it could not be used
+    (``backing_problem`` says why).
+    """
 
     output: str
     layout: str
     source_layout: str
     sectors: int
     seconds: float
+    filled_pages: int = 0
+    mixed_pages: int = 0
+    backing_problem: str | None = None
 
 
 def _target_header(src: CowHeader, layout: Layout, alignment: int | None, name: str) -> CowHeader:
@@ -61,11 +76,17 @@ def convert(
     *,
     layout: Layout = "v3",
     alignment: int | None = None,
+    backing: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     lock: bool = True,
     progress: Callable[[int], Any] | None = None,
 ) -> ConvertResult:
-    """Write ``cow_path``'s content as a new COW file of ``layout`` at ``output_path``."""
+    """Write ``cow_path``'s content as a new COW file of ``layout`` at ``output_path``.
+
+    ``backing`` names the backing file to fill mixed pages from (default: the
+    recorded one); a named backing file that cannot be used is an error, a
+    recorded one only leaves the mixed pages as they are.
+    """
     t0 = time.monotonic()
     output = os.fspath(output_path)
     with CowFile(cow_path, lock=lock) as src:
@@ -80,18 +101,48 @@ def convert(
                     f"{beyond} written sectors at or past sector {target.mapped_sectors} have no bit in a {layout} "
                     "bitmap of this size (the v1/v2 rounding bug); choose v3",
                 )
-        inputs = [("COW file", src.stat)] + [("backing file", st) for st in backing_stats(h, src.name)]
-        check_output_path(output, overwrite=overwrite, inputs=inputs)
-        with AtomicFile(output, overwrite=overwrite) as out:
-            try:
-                pwrite_all(out.fd, [target.to_bytes()], 0)
-                os.ftruncate(out.fd, target.file_size)
-                _copy_data(src, target, out.fd, progress)
-                _copy_bits(src, target, out.fd)
-            except OSError as exc:
-                raise ImageIOError(output, f"cannot write: {exc.strerror}", errno=exc.errno) from None
-            out.commit()
-    return ConvertResult(out.path, layout, h.layout, sectors, time.monotonic() - t0)
+        mixed, _ = src.bitmap.count_mixed(limit=0)
+        bfd, bpath, problem = _usable_backing(src, backing) if mixed else (-1, "", None)
+        try:
+            inputs = [("COW file", src.stat)] + [("backing file", st) for st in backing_stats(h, src.name, backing)]
+            check_output_path(output, overwrite=overwrite, inputs=inputs)
+            with AtomicFile(output, overwrite=overwrite) as out:
+                try:
+                    pwrite_all(out.fd, [target.to_bytes()], 0)
+                    os.ftruncate(out.fd, target.file_size)
+                    _copy_data(src, target, out.fd, progress)
+                    if bfd >= 0:
+                        _fill_pages(src, bfd, bpath, target, out.fd)
+                    _copy_bits(src, target, out.fd, whole=bfd >= 0)
+                except OSError as exc:
+                    raise ImageIOError(output, f"cannot write: {exc.strerror}", errno=exc.errno) from None
+                out.commit()
+        finally:
+            if bfd >= 0:
+                os.close(bfd)
+    filled = mixed if bfd >= 0 else 0
+    seconds = time.monotonic() - t0
+    return ConvertResult(out.path, layout, h.layout, sectors, seconds, filled, mixed - filled, problem)
+
+
+def _usable_backing(src: CowFile, backing: str | os.PathLike[str] | None) -> tuple[int, str, str | None]:
+    """The backing file opened read-only, and its path, if it matches the header; else ``(-1, "", why not)``.
+
+    A backing file the caller named must be usable: its problems raise.
+    """
+    try:
+        fd, path, st, size = open_backing(src.header, src.name, src.stat, backing)
+    except BackingFileError as exc:
+        if backing is not None:
+            raise
+        return -1, "", exc.message
+    message = mismatch_message(src.header, size, mtime_seconds(st))
+    if message is None:
+        return fd, path, None
+    os.close(fd)
+    if backing is not None:
+        raise BackingFileError(backing, f"{message}: it cannot be used to fill the mixed pages")
+    return -1, "", f"{message} {path}"
 
 
 def _copy_data(src: CowFile, target: CowHeader, out_fd: int, progress: Callable[[int], Any] | None) -> None:
@@ -110,14 +161,37 @@ def _copy_data(src: CowFile, target: CowHeader, out_fd: int, progress: Callable[
             progress(length)
 
 
-def _copy_bits(src: CowFile, target: CowHeader, out_fd: int) -> None:
-    """Write the honoured bits into the target's bitmap, a window at a time."""
+def _fill_pages(src: CowFile, backing_fd: int, backing_path: str, target: CowHeader, out_fd: int) -> None:
+    """Copy the clear sectors of every mixed page from the backing file into the target's data area."""
+    size = src.header.size
+    buf = memoryview(bytearray(PAGE_SIZE))
+    for pages, _ in src.bitmap.mixed():
+        for page in pages.tolist():
+            lo = page * PAGE_SECTORS
+            hi = min(lo + PAGE_SECTORS, src.bitmap.nbits)
+            start = lo * SECTOR_SIZE
+            n = min(hi * SECTOR_SIZE, size) - start
+            got = read_at(backing_fd, buf[:n], start, backing_path)
+            buf[got:n] = bytes(n - got)
+            for i, is_set in enumerate(src.bitmap.bits(lo, hi).tolist()):
+                if not is_set:
+                    a = i * SECTOR_SIZE
+                    piece = buf[a : min(a + SECTOR_SIZE, n)]
+                    pwrite_all(out_fd, [piece], target.data_offset + start + a)
+
+
+def _copy_bits(src: CowFile, target: CowHeader, out_fd: int, *, whole: bool) -> None:
+    """Write the honoured bits into the target's bitmap, a window at a time; ``whole`` sets every page
+    that has any bit set (its data was filled)."""
     for buf, first_bit, lo, hi in src.bitmap.windows(0, src.bitmap.nbits):
         # windows start on byte boundaries, so bytes copy as they are (the last one masked)
         a = (lo - first_bit) // 8
         b = (hi - first_bit + 7) // 8
-        chunk = bytearray(buf[a:b])
-        if hi % 8:
-            chunk[-1] &= (1 << (hi % 8)) - 1
-        if chunk.count(0) != len(chunk):
-            pwrite_all(out_fd, [bytes(chunk)], target.bitmap_offset + lo // 8)
+        chunk = np.frombuffer(buf, dtype=np.uint8, count=b - a, offset=a).copy()
+        mask = (1 << (hi % 8)) - 1 if hi % 8 else 0xFF
+        chunk[-1] &= mask
+        if whole:
+            chunk[chunk != 0] = 0xFF
+            chunk[-1] &= mask
+        if chunk.any():
+            pwrite_all(out_fd, [chunk.tobytes()], target.bitmap_offset + lo // 8)

@@ -95,7 +95,7 @@ def _tour(out: Output, folder: str) -> int:
         disk.pwrite(hello, 100)  # a partial sector: the rest of sector 0 is kept from the backing
         model[100 : 100 + len(hello)] = hello
         out.line("   with ubdcow.open(cow, 'r+') as disk:")
-        out.line(f"       disk.pwrite({hello!r}, 100)            # inside sector 0")
+        out.line(f"       disk.pwrite({hello!r}, 100)            # inside page 0: it becomes COW, whole")
         block = bytes(range(256)) * 64
         disk.pwrite(block, 1 << 20)
         model[1 << 20 : (1 << 20) + len(block)] = block
@@ -112,7 +112,8 @@ def _tour(out: Output, folder: str) -> int:
     tour.step("info: header, backing status, apparent vs allocated size", f"python -m ubdcow info {cow}")
     facts = ubdcow.info(cow)
     print_info(facts, out)
-    tour.verify(facts["cow_sectors"] == 1 + 32 + 128 + 1, "the bitmap records 162 written sectors")
+    # whole 4 KiB pages: sector 0's page, 32 sectors, 128 discarded, the last page
+    tour.verify(facts["cow_sectors"] == 8 + 32 + 128 + 8, "the bitmap records 176 written sectors (whole pages)")
     tour.verify(facts["allocated_size"] < facts["apparent_size"], "the COW file is sparse")
 
     tour.step("map: where each range of the disk comes from", f"python -m ubdcow map {cow}")

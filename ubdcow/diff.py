@@ -1,8 +1,10 @@
 """``diff``: thin a full copy back into an overlay on its original.
 
-Creates a v3 COW file on BASE holding exactly the sectors where MODIFIED
-differs from BASE (like ``qemu-img convert -B``). Differing sectors that are
-all zeros are stored as holes with their bit set.
+Creates a v3 COW file on BASE holding exactly the 4 KiB pages where MODIFIED
+differs from BASE (like ``qemu-img convert -B``), each page whole: a page
+that differs anywhere is stored with all its sectors, because the Linux ubd
+driver misreads pages that mix COW and backing sectors. Differing pages that
+are all zeros are stored as holes with their bits set.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from ._atomic import AtomicFile, check_output_path
 from ._io import file_size, open_file, pwrite_all, read_at
 from ._result import Result
+from .bitmap import PAGE_SECTORS, PAGE_SIZE
 from .compare import Disk, open_disk
 from .create import backing_record
 from .errors import BackingFileError, ImageIOError
@@ -24,18 +27,20 @@ from .format import SECTOR_SIZE, has_cow_magic, make_header
 
 __all__ = ["DiffResult", "diff"]
 
-WINDOW = 4 << 20  # a multiple of 8 sectors, so each window's bits are whole bitmap bytes
+WINDOW = 4 << 20  # a multiple of the page size, so each window's bits are whole bitmap bytes
 
 
 @dataclass(frozen=True)
 class DiffResult(Result):
-    """The new overlay and what it holds."""
+    """The new overlay and what it holds: ``sectors`` set bits (whole pages), ``zero_sectors`` of them holes."""
 
     output: str
     size: int
     sectors: int
     zero_sectors: int
     seconds: float
+    #: pages stored (each differs from BASE somewhere)
+    pages: int = 0
 
 
 def diff(
@@ -75,7 +80,7 @@ def diff(
                 try:
                     pwrite_all(out.fd, [header.to_bytes()], 0)
                     os.ftruncate(out.fd, header.file_size)
-                    sectors, zeros = _write_differences(
+                    sectors, zeros, pages = _write_differences(
                         bfd,
                         base_path,
                         modified,
@@ -90,7 +95,7 @@ def diff(
                 out.commit()
     finally:
         os.close(bfd)
-    return DiffResult(out.path, size, sectors, zeros, time.monotonic() - t0)
+    return DiffResult(out.path, size, sectors, zeros, time.monotonic() - t0, pages)
 
 
 def _write_differences(
@@ -102,13 +107,15 @@ def _write_differences(
     data_offset: int,
     size: int,
     progress: Callable[[int], Any] | None,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
+    """Store the differing pages (data, then their bits); returns (sectors, zero sectors, pages)."""
     base_buf, mod_buf = bytearray(WINDOW), bytearray(WINDOW)
-    sectors = zeros = 0
+    sectors = zeros = pages = 0
+    total_sectors = -(-size // SECTOR_SIZE)
     pos = 0
     while pos < size:
         n = min(WINDOW, size - pos)
-        padded = -(-n // SECTOR_SIZE) * SECTOR_SIZE
+        padded = -(-n // PAGE_SIZE) * PAGE_SIZE
         base_view, mod_view = memoryview(base_buf)[:padded], memoryview(mod_buf)[:padded]
         got = read_at(base_fd, base_view[:n], pos, base_path)
         if got < n:
@@ -116,24 +123,33 @@ def _write_differences(
         got = modified.preadinto(mod_view[:n], pos)
         if got < n:
             raise ImageIOError(modified.path, f"file ended at offset {pos + got} while reading it")
-        base_view[n:] = bytes(padded - n)  # the bytes of a partial last sector past the disk's end
+        base_view[n:] = bytes(padded - n)  # the bytes of a partial last page past the disk's end
         mod_view[n:] = bytes(padded - n)
         if base_view != mod_view:
-            a = np.frombuffer(base_view, dtype=np.uint8).reshape(-1, SECTOR_SIZE)
-            b = np.frombuffer(mod_view, dtype=np.uint8).reshape(-1, SECTOR_SIZE)
+            a = np.frombuffer(base_view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            b = np.frombuffer(mod_view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
             differs = (a != b).any(axis=1)
-            nonzero = b.any(axis=1)
-            data = differs & nonzero
+            data = differs & b.any(axis=1)
             first_sector = pos // SECTOR_SIZE
             edges = np.flatnonzero(np.diff(np.concatenate(([0], data.view(np.int8), [0]))))
             for s, e in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
-                start, stop = s * SECTOR_SIZE, min(n, e * SECTOR_SIZE)
+                start, stop = s * PAGE_SIZE, min(n, e * PAGE_SIZE)
                 pwrite_all(out_fd, [mod_view[start:stop]], data_offset + pos + start)
-            bits = np.packbits(differs, bitorder="little").tobytes()
-            pwrite_all(out_fd, [bits], bitmap_offset + first_sector // 8)  # after the data
-            sectors += int(differs.sum())
-            zeros += int((differs & ~nonzero).sum())
+            # a page's bits are one bitmap byte; the disk's last page keeps only its own sectors
+            bits = np.where(differs, np.uint8(0xFF), np.uint8(0))
+            window_sectors = min(len(bits) * PAGE_SECTORS, total_sectors - first_sector)
+            if window_sectors % PAGE_SECTORS:
+                bits[-1] &= (1 << (window_sectors % PAGE_SECTORS)) - 1
+            pwrite_all(out_fd, [bits.tobytes()], bitmap_offset + first_sector // 8)  # after the data
+            sectors += _count(bits)
+            zeros += _count(np.where(data, np.uint8(0), bits))
+            pages += int(differs.sum())
         pos += n
         if progress is not None:
             progress(n)
-    return sectors, zeros
+    return sectors, zeros, pages
+
+
+def _count(bits: np.ndarray) -> int:
+    """Set bits in an array of bitmap bytes."""
+    return int(np.unpackbits(bits).sum(dtype=np.int64))

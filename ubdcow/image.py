@@ -1,9 +1,11 @@
 """The virtual disk of a COW file as a file object, with the ubd driver's semantics.
 
 Reads split at bitmap run boundaries: set bits read the COW data area, clear
-bits read the backing file. Writes fill partial sectors from the current
-content, write the data, and only then set the bits. The backing file is
-only ever opened ``O_RDONLY``.
+bits read the backing file. Writes extend to whole 4 KiB pages of the virtual
+disk, filled from the current content, write the data, and only then set the
+bits: every page a write touches ends all set (the Linux ubd driver misreads
+pages that mix COW and backing sectors). The backing file is only ever opened
+``O_RDONLY``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import io
 import mmap
 import os
 import threading
-from collections.abc import Iterator
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from . import lock as _lock
 from ._io import Segments, file_size, mtime_seconds, open_file, pread_into, punch_hole, pwrite_all, same_file
-from .bitmap import Bitmap
+from .bitmap import PAGE_SECTORS, PAGE_SIZE, Bitmap
 from .errors import (
     BackingFileError,
     BackingMismatchError,
@@ -45,7 +47,10 @@ __all__ = [
 
 Source = Literal["cow", "backing", "zero"]
 _SHIFT = 9  # log2(SECTOR_SIZE)
+_PAGE_SHIFT = 12  # log2(PAGE_SIZE)
 _ZERO_CHUNK = 8 << 20
+# mixed pages whose data is written before one fsync and their bits
+_FILL_BATCH = 4096
 # reads of whole sectors between these sizes may take the numpy overlay path
 _OVERLAY_MIN = 64 << 10
 _OVERLAY_MAX = 16 << 20
@@ -464,22 +469,26 @@ class CowImage(io.RawIOBase):
         return n
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        """Make [offset, offset+length) read as zeros: set the bits and punch holes, as the kernel does."""
+        """Make [offset, offset+length) read as zeros: set the bits and punch holes, as the kernel does.
+
+        Whole pages are punched; the rest of a partly covered page keeps its
+        content and the whole page becomes COW (pages stay whole).
+        """
         self._check_writable()
         self._check_range(offset, length)
         if length == 0:
             return
         end = offset + length
-        first = -(-offset // SECTOR_SIZE)
-        # A range reaching the end of the disk covers the partial last sector.
-        last = self.header.sectors if end == self.size else end // SECTOR_SIZE
+        first = -(-offset // PAGE_SIZE) * PAGE_SECTORS
+        # A range reaching the end of the disk covers its partial last page.
+        last = self.header.sectors if end == self.size else (end // PAGE_SIZE) * PAGE_SECTORS
         with self._mutex:
             if first >= last:
                 self._write(memoryview(bytes(length)), offset)
                 return
-            if offset < first * SECTOR_SIZE:
-                self._write(memoryview(bytes(first * SECTOR_SIZE - offset)), offset)
-            tail = last * SECTOR_SIZE
+            if offset < first << _SHIFT:
+                self._write(memoryview(bytes((first << _SHIFT) - offset)), offset)
+            tail = last << _SHIFT
             if tail < end:
                 self._write(memoryview(bytes(end - tail)), tail)
             self._zero_sectors(first, last)
@@ -487,6 +496,64 @@ class CowImage(io.RawIOBase):
     def discard(self, offset: int, length: int) -> None:
         """Discard a range: with the ubd driver it reads as zeros afterwards (same as :meth:`write_zeroes`)."""
         self.write_zeroes(offset, length)
+
+    def fill_mixed_pages(self, progress: Callable[[int], Any] | None = None) -> int:
+        """Make every mixed page whole without changing what the disk reads; returns how many there were.
+
+        A mixed page's clear sectors are copied from the backing file into the
+        data area, fsynced, and only then are its bits set: at any point of a
+        crash each sector reads the same bytes. ``progress`` gets bytes of disk scanned.
+        """
+        self._check_writable()
+        done = 0
+        pending: list[list[int]] = []  # coalesced [first, last) sector spans whose data is written
+        with self._mutex:
+            scanned = 0
+            for pages, end in self._bitmap.mixed():
+                for page in pages.tolist():
+                    span = self._fill_page_data(page)
+                    if pending and pending[-1][1] == span[0]:
+                        pending[-1][1] = span[1]
+                    else:
+                        pending.append(list(span))
+                    done += 1
+                    if done % _FILL_BATCH == 0:
+                        self._set_durably(pending)
+                if progress is not None:
+                    progress(min(end * PAGE_SIZE, self.size) - scanned)
+                    scanned = min(end * PAGE_SIZE, self.size)
+            self._set_durably(pending)
+        return done
+
+    def _fill_page_data(self, page: int) -> tuple[int, int]:
+        """Copy a page's clear sectors from the backing file into the data area; its sector span."""
+        lo = page * PAGE_SECTORS
+        hi = min(lo + PAGE_SECTORS, self._bitmap.nbits)
+        start, stop = lo << _SHIFT, min(hi << _SHIFT, self.size)
+        buf = memoryview(bytearray(stop - start))
+        self._read_backing(buf, start)
+        bits = self._bitmap.bits(lo, hi).tolist()
+        try:
+            for i, is_set in enumerate(bits):
+                if not is_set:
+                    a = i << _SHIFT
+                    pwrite_all(self._fd, [buf[a : a + SECTOR_SIZE]], self._data_offset + start + a)
+        except OSError as exc:
+            raise ImageIOError(self.name, f"write error at offset {start}: {exc.strerror}", errno=exc.errno) from None
+        self._dirty = True
+        return lo, hi
+
+    def _set_durably(self, spans: list[list[int]]) -> None:
+        """fsync the data written for ``spans``, then set their bits (and forget them)."""
+        if not spans:
+            return
+        try:
+            os.fsync(self._fd)
+            for lo, hi in spans:
+                self._bitmap.set_range(lo, hi)
+        except OSError as exc:
+            raise ImageIOError(self.name, f"cannot make pages whole: {exc.strerror}", errno=exc.errno) from None
+        spans.clear()
 
     # -- maps ----------------------------------------------------------------
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, str]]:
@@ -543,32 +610,37 @@ class CowImage(io.RawIOBase):
         n = min(len(view), self.size - offset)
         if n <= 0:
             return 0
-        end = offset + n
         with self._mutex:
-            if n >= _OVERLAY_MIN and not (offset | n) & (SECTOR_SIZE - 1) and self._overlay(view, offset, n):
-                return n
-            source = None if one_source_tried else self._one_source(offset, n)
-            if source is not None:  # the whole request from one file, in one system call
-                try:
-                    if os.preadv(source[0], [view[:n]], source[1]) == n:
-                        return n
-                except OSError:
-                    pass  # the run loop below reports it, naming the file and offset
-            runs = self._bitmap.runs_list(offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT)
-            cow_bytes = sum(count for _, count, is_set in runs if is_set) << _SHIFT
-            if len(runs) > 2 and 2 * cow_bytes < n:
-                # mostly backing, in many runs: one read of the backing, then the COW runs over it
-                self._read_backing(view[:n], offset)
-                runs = [run for run in runs if run[2]]
-            for sector, count, is_set in runs:
-                start = max(offset, sector << _SHIFT)
-                stop = min(end, (sector + count) << _SHIFT)
-                chunk = view[start - offset : stop - offset]
-                if is_set:
-                    self._read_cow(chunk, start)
-                else:
-                    self._read_backing(chunk, start)
+            self._fill(view[:n], offset, one_source_tried=one_source_tried)
         return n
+
+    def _fill(self, view: memoryview, offset: int, *, one_source_tried: bool = False) -> None:
+        """Fill ``view`` with the disk's content at ``offset`` (inside the disk; caller holds the mutex)."""
+        n = len(view)
+        end = offset + n
+        if n >= _OVERLAY_MIN and not (offset | n) & (SECTOR_SIZE - 1) and self._overlay(view, offset, n):
+            return
+        source = None if one_source_tried else self._one_source(offset, n)
+        if source is not None:  # the whole request from one file, in one system call
+            try:
+                if os.preadv(source[0], [view], source[1]) == n:
+                    return
+            except OSError:
+                pass  # the run loop below reports it, naming the file and offset
+        runs = self._bitmap.runs_list(offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT)
+        cow_bytes = sum(count for _, count, is_set in runs if is_set) << _SHIFT
+        if len(runs) > 2 and 2 * cow_bytes < n:
+            # mostly backing, in many runs: one read of the backing, then the COW runs over it
+            self._read_backing(view, offset)
+            runs = [run for run in runs if run[2]]
+        for sector, count, is_set in runs:
+            start = max(offset, sector << _SHIFT)
+            stop = min(end, (sector + count) << _SHIFT)
+            chunk = view[start - offset : stop - offset]
+            if is_set:
+                self._read_cow(chunk, start)
+            else:
+                self._read_backing(chunk, start)
 
     def _one_source(self, offset: int, n: int) -> tuple[int, int] | None:
         """``(fd, file offset)`` when [offset, offset+n) lies in one run, else None (caller holds the mutex)."""
@@ -628,18 +700,24 @@ class CowImage(io.RawIOBase):
                 )
             chunk[got:] = bytes(len(chunk) - got)  # a backing smaller than the disk (check_backing=False)
 
+    def _page_span(self, offset: int, end: int) -> tuple[int, int]:
+        """Sectors ``[first, last)`` of the whole pages that bytes [offset, end) touch (the last page may be short)."""
+        first = (offset >> _PAGE_SHIFT) * PAGE_SECTORS
+        last = min(((end + PAGE_SIZE - 1) >> _PAGE_SHIFT) * PAGE_SECTORS, self.header.sectors)
+        return first, last
+
     def _write(self, view: memoryview, offset: int) -> None:
-        """Sector-granular write: fill partial sectors, write the data, then the bits (caller holds the mutex)."""
+        """Page-granular write: fill the rest of the pages from the current content, write the data, then
+        the bits (caller holds the mutex). Every page touched ends all set."""
         n = len(view)
-        first = offset >> _SHIFT
-        last = (offset + n + SECTOR_SIZE - 1) >> _SHIFT
+        end = offset + n
+        first, last = self._page_span(offset, end)
         start = first << _SHIFT
+        stop = min(last << _SHIFT, self.size)
         parts: list[memoryview | bytes] = []
         if start < offset:
             parts.append(self._current(start, offset - start))
         parts.append(view)
-        end = offset + n
-        stop = min(last << _SHIFT, self.size)
         if end < stop:
             parts.append(self._current(end, stop - end))
         try:
@@ -649,14 +727,11 @@ class CowImage(io.RawIOBase):
         except OSError as exc:
             raise ImageIOError(self.name, f"write error at offset {offset}: {exc.strerror}", errno=exc.errno) from None
 
-    def _current(self, offset: int, length: int) -> bytes:
-        """Current content of a few bytes inside one sector (caller holds the mutex)."""
+    def _current(self, offset: int, length: int) -> memoryview:
+        """Current content of less than a page of the disk (caller holds the mutex)."""
         buf = memoryview(bytearray(length))
-        if self._bitmap.test(offset >> _SHIFT):
-            self._read_cow(buf, offset)
-        else:
-            self._read_backing(buf, offset)
-        return bytes(buf)
+        self._fill(buf, offset)
+        return buf
 
     def _zero_sectors(self, first: int, last: int) -> None:
         """Zero whole sectors [first, last): punch the data area (or write zeros), then set the bits."""

@@ -69,7 +69,8 @@ def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | 
     cow_path = os.fspath(cow_path)
     with CowFile(cow_path, lock=False, require_io=False) as cow:
         header, st = cow.header, cow.stat
-        cow_sectors = cow.bitmap.count()
+        # one pass counts the set bits and the mixed pages (see check)
+        cow_sectors, mixed_pages, _ = cow.bitmap.summary(limit=0)
         last_set = cow.bitmap.test(header.sectors - 1)
         busy, pid = _lock.holder(cow.fd, exclusive=False)
         apparent = cow.length
@@ -91,6 +92,7 @@ def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | 
         "sectors": header.sectors,
         "cow_sectors": cow_sectors,
         "cow_bytes": cow_bytes(header, cow_sectors, last_set),
+        "mixed_pages": mixed_pages,
         "apparent_size": apparent,
         "allocated_size": st.st_blocks * 512,
         "in_use": busy,

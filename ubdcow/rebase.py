@@ -2,7 +2,8 @@
 
 Safe mode keeps the virtual disk's content: sectors still read from the old
 backing file that differ in the new one are first copied into the COW file
-(data, then bits); then the header records the new backing file. Unsafe mode
+(data, then bits), in whole pages, and mixed pages are made whole from the old
+backing file; then the header records the new backing file. Unsafe mode
 rewrites only the header -- the repair for "mtime mismatch" after a backing
 image was copied or touched.
 
@@ -33,7 +34,8 @@ WINDOW = 4 << 20
 
 @dataclass(frozen=True)
 class RebaseResult(Result):
-    """What a rebase did: the new header's backing fields and the sectors copied in."""
+    """What a rebase did: the new header's backing fields, the differing sectors copied in and the mixed
+    pages made whole (both 0 for an unsafe rebase)."""
 
     file: str
     backing_file: str
@@ -41,6 +43,7 @@ class RebaseResult(Result):
     size: int
     copied_sectors: int
     unsafe: bool
+    filled_pages: int = 0
 
 
 def _new_header(h: CowHeader, cow_path: str, new_path: str, new_stat: os.stat_result, new_size: int) -> CowHeader:
@@ -156,6 +159,7 @@ def _safe_rebase(
                     f"{h.layout} bitmap cannot record (the v1/v2 rounding bug)",
                     hint=f"convert the file to v3 first: ubdcow convert {cow_path} -o NEW.cow",
                 )
+        filled = img.fill_mixed_pages()
         for start, length, source in img.extents():  # lazily: bits change only behind it
             if source == "backing":
                 for a, n in _differing_runs(img, nfd, new_path, start, length):
@@ -167,4 +171,4 @@ def _safe_rebase(
                 progress(length)
         img.flush()
         _write_header(cow_fd, cow_path, header)
-    return RebaseResult(cow_path, header.backing_file, header.mtime, header.size, copied, False)
+    return RebaseResult(cow_path, header.backing_file, header.mtime, header.size, copied, False, filled)
