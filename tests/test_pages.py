@@ -248,8 +248,8 @@ def test_check_repair_of_a_file_without_mixed_pages_touches_nothing(unpack):
 
 
 REPAIR_CHILD = """
-import os, sys, ubdcow, ubdcow.image
-ubdcow.image._FILL_BATCH = 250  # many batches (data, fsync, bits): many points to be killed between
+import os, sys, ubdcow, ubdcow._pagewrite
+ubdcow._pagewrite._FILL_BATCH = 250  # many batches (data, fsync, bits): many points to be killed between
 img = ubdcow.open(sys.argv[1], "r+")
 set_durably = img._set_durably
 def announced(spans):

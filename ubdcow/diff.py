@@ -20,8 +20,8 @@ from ._atomic import AtomicFile, check_output_path
 from ._io import file_size, open_file, pwrite_all, read_at
 from ._result import Result
 from .bitmap import PAGE_SECTORS, PAGE_SIZE
-from .compare import Disk, open_disk
 from .create import backing_record
+from .disk import Disk, open_disk
 from .errors import BackingFileError, ImageIOError
 from .format import SECTOR_SIZE, has_cow_magic, make_header
 

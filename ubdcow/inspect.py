@@ -8,9 +8,10 @@ from typing import Any
 
 from . import lock as _lock
 from ._io import mtime_seconds
+from .backing import mismatch_hint, mismatch_message, open_backing
 from .errors import BackingFileError
 from .format import CowHeader
-from .image import CowFile, mismatch_hint, mismatch_message, open_backing
+from .image import CowFile
 
 __all__ = ["info", "iter_map", "map_image", "backing_status", "cow_bytes"]
 

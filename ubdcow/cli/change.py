@@ -1,0 +1,152 @@
+"""``rebase``, ``diff`` and ``convert``: make a COW file with another backing file, content or layout."""
+
+from __future__ import annotations
+
+import argparse
+
+from .base import EXIT_OK, Bar, Command, Output, add_common, add_cow, add_no_lock, disk_size, plural
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+# -- rebase ------------------------------------------------------------------------
+def _rebase_arguments(p: argparse.ArgumentParser) -> None:
+    add_cow(p)
+    p.add_argument("--backing", metavar="NEW", required=True, help="the new backing file")
+    p.add_argument("--unsafe", action="store_true", help="rewrite the header only; do not compare the contents")
+    p.add_argument("--old-backing", metavar="PATH", help="the current backing file, if not at its recorded path")
+    add_no_lock(p, "write")
+    add_common(p)
+
+
+def cmd_rebase(args: argparse.Namespace, out: Output) -> int:
+    """``ubdcow rebase``."""
+    from ..rebase import rebase
+
+    total = 0 if args.unsafe else disk_size(args.cow)
+    with Bar(out, total, "rebase") as bar:
+        result = rebase(
+            args.cow,
+            args.backing,
+            unsafe=args.unsafe,
+            old_backing=args.old_backing,
+            lock=not args.no_lock,
+            progress=bar.update,
+        )
+    n, f = result.copied_sectors, result.filled_pages
+    copied = "" if result.unsafe else f"; {plural(n, 'sector')} copied in to keep the content"
+    if f:
+        copied += f", {plural(f, 'mixed page')} made whole"
+    out.result(result, f"rebased {args.cow} onto {result.backing_file} (mtime {result.mtime}){copied}")
+    return EXIT_OK
+
+
+REBASE = Command(
+    "rebase",
+    help="point a COW file at another backing file (--unsafe: fix an mtime mismatch)",
+    description="Make COW use the backing file NEW. By default the virtual disk keeps its "
+    "content: sectors that differ between the old and new backing are copied into "
+    "the COW file first. With --unsafe only the header changes (the repair for "
+    "'mtime mismatch' after a backing image was copied or touched).",
+    arguments=_rebase_arguments,
+    handler=cmd_rebase,
+)
+
+
+# -- diff --------------------------------------------------------------------------
+def _diff_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", metavar="BASE", help="the original raw image (the new COW file's backing file)")
+    p.add_argument("modified", metavar="MODIFIED", help="the modified image (raw or COW)")
+    p.add_argument("-o", "--output", metavar="COW", required=True, help="the COW file to create")
+    _add_overwrite(p)
+    add_no_lock(p)
+    add_common(p)
+
+
+def cmd_diff(args: argparse.Namespace, out: Output) -> int:
+    """``ubdcow diff``."""
+    from ..diff import diff
+
+    with Bar(out, disk_size(args.base), "diff") as bar:
+        result = diff(
+            args.base,
+            args.modified,
+            args.output,
+            overwrite=args.overwrite,
+            progress=bar.update,
+            lock=not args.no_lock,
+        )
+    out.result(
+        result,
+        f"wrote {result.output}: {result.pages} pages ({result.sectors} sectors) differ from {args.base} "
+        f"({result.zero_sectors} sectors of them zeros, stored as holes)",
+    )
+    return EXIT_OK
+
+
+DIFF = Command(
+    "diff",
+    help="make a COW file on BASE holding where MODIFIED differs (thin a full copy)",
+    description="Create a v3 COW file on BASE whose virtual disk equals MODIFIED, holding only "
+    "the sectors that differ (zeros as holes).",
+    arguments=_diff_arguments,
+    handler=cmd_diff,
+)
+
+
+# -- convert -----------------------------------------------------------------------
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    add_cow(p)
+    p.add_argument("-o", "--output", metavar="NEW", required=True, help="the COW file to write")
+    p.add_argument("--layout", choices=["v1", "v2", "v3", "v3-broken"], default="v3", help="(default: v3)")
+    p.add_argument(
+        "--backing",
+        metavar="PATH",
+        help="the backing file to fill mixed pages from, if not at its recorded path (only read)",
+    )
+    _add_overwrite(p)
+    add_no_lock(p)
+    add_common(p)
+
+
+def cmd_convert(args: argparse.Namespace, out: Output) -> int:
+    """``ubdcow convert``."""
+    from ..convert import convert
+
+    with Bar(out, disk_size(args.cow), "convert") as bar:
+        result = convert(
+            args.cow,
+            args.output,
+            layout=args.layout,
+            backing=args.backing,
+            overwrite=args.overwrite,
+            lock=not args.no_lock,
+            progress=bar.update,
+        )
+    if result.mixed_pages:
+        n = result.mixed_pages
+        print(
+            f"warning: {result.output}: {plural(n, 'mixed page')} carried over as "
+            f"{'it is' if n == 1 else 'they are'} ({result.backing_problem}); the Linux ubd driver misreads "
+            f"them: fix with ubdcow check --repair {result.output} once the backing file matches",
+            file=out.stderr,
+        )
+    filled = f", {result.filled_pages} mixed pages made whole" if result.filled_pages else ""
+    out.result(
+        result,
+        f"converted {args.cow} ({result.source_layout}) -> {result.output} ({result.layout}), "
+        f"{result.sectors} written sectors carried over{filled}",
+    )
+    return EXIT_OK
+
+
+CONVERT = Command(
+    "convert",
+    help="rewrite a COW file in another layout (default v3)",
+    description="Rewrite COW (v1, v2 or broken v3) as a new file of another layout, with the "
+    "same content and set bits. The source is not changed.",
+    arguments=_convert_arguments,
+    handler=cmd_convert,
+)
