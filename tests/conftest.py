@@ -23,12 +23,16 @@ GEOMETRY_KEYS = ("version", "layout", "mtime", "size", "sectorsize", "alignment"
                  "data_offset", "sectors")
 
 
-def require_tool(name: str) -> str:
-    """Path of a real UML tool; skip (or fail under UBDCOW_REQUIRE_UML=1) when it is absent."""
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
+def require_tool(name: str, package: str = "uml-utilities user-mode-linux") -> str:
+    """Path of a real tool (a UML tool unless ``package`` says otherwise); skip when it is absent, or
+    fail instead under UBDCOW_REQUIRE_UML=1. Looks in PATH, then the sbin and bin folders."""
+    path = shutil.which(name)
+    for folder in ("/usr/sbin", "/sbin", "/usr/bin", "/bin"):
+        if path is None and os.access(f"{folder}/{name}", os.X_OK):
+            path = f"{folder}/{name}"
     if path:
         return path
-    message = f"{name} is not installed (apt-get install uml-utilities user-mode-linux)"
+    message = f"{name} is not installed (apt-get install {package})"
     if REQUIRE_UML:
         pytest.fail(f"UBDCOW_REQUIRE_UML=1 but {message}")
     pytest.skip(message)

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REQUIRE_UML
+from conftest import require_tool
 from uml import run_guest, ubd_arg
 
 SECTOR = 512
@@ -63,21 +63,8 @@ FIXED_TIME = 1_700_000_000
 
 
 def require_host_tool(name: str, package: str) -> str:
-    """Path of a host program (the guest runs the host's binaries through hostfs).
-
-    Like ``conftest.require_tool``: skips with a reason when it is absent, and
-    fails instead under ``UBDCOW_REQUIRE_UML=1``.
-    """
-    path = shutil.which(name)
-    for folder in ("/usr/sbin", "/sbin", "/usr/bin", "/bin"):
-        if path is None and os.access(f"{folder}/{name}", os.X_OK):
-            path = f"{folder}/{name}"
-    if path:
-        return path
-    message = f"{name} is not installed (apt-get install {package})"
-    if REQUIRE_UML:
-        pytest.fail(f"UBDCOW_REQUIRE_UML=1 but {message}")
-    pytest.skip(message)
+    """Path of a host program (the guest runs the host's binaries through hostfs); see ``conftest.require_tool``."""
+    return require_tool(name, package)
 
 
 #: the host programs the guest scripts run, and the Debian package of each

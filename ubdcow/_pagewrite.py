@@ -27,6 +27,25 @@ _ZERO_CHUNK = 8 << 20
 _FILL_BATCH = 4096
 
 
+def write_clear_sectors(fd: int, page: memoryview, bits: list[bool], at: int) -> None:
+    """Write the sectors of ``page`` whose bit is clear to ``fd`` at ``at`` + their offset, one write per run.
+
+    How mixed pages are made whole (in place, and by ``convert``): the set
+    sectors keep the data they have, the clear ones get the backing file's.
+    """
+    i = 0
+    while i < len(bits):
+        if bits[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(bits) and not bits[j]:
+            j += 1
+        a, b = i * SECTOR_SIZE, min(j * SECTOR_SIZE, len(page))
+        pwrite_all(fd, [page[a:b]], at + a)
+        i = j
+
+
 class _PageWriter:
     """The writing half of :class:`ubdcow.image.CowImage` (which provides the state and the read path)."""
 
@@ -123,12 +142,8 @@ class _PageWriter:
         start, stop = lo << _SHIFT, min(hi << _SHIFT, self.size)
         buf = memoryview(bytearray(stop - start))
         self._read_backing(buf, start)
-        bits = self._bitmap.bits(lo, hi).tolist()
         try:
-            for i, is_set in enumerate(bits):
-                if not is_set:
-                    a = i << _SHIFT
-                    pwrite_all(self._fd, [buf[a : a + SECTOR_SIZE]], self._data_offset + start + a)
+            write_clear_sectors(self._fd, buf, self._bitmap.bits(lo, hi).tolist(), self._data_offset + start)
         except OSError as exc:
             raise ImageIOError(self.name, f"write error at offset {start}: {exc.strerror}", errno=exc.errno) from None
         self._dirty = True

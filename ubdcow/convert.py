@@ -21,6 +21,7 @@ import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
 from ._io import Segments, copy_range, mtime_seconds, pwrite_all, read_at
+from ._pagewrite import write_clear_sectors
 from ._result import Result
 from .backing import backing_stats, mismatch_message, open_backing
 from .bitmap import PAGE_SECTORS, PAGE_SIZE
@@ -174,11 +175,7 @@ def _fill_pages(src: CowFile, backing_fd: int, backing_path: str, target: CowHea
             n = min(hi * SECTOR_SIZE, size) - start
             got = read_at(backing_fd, buf[:n], start, backing_path)
             buf[got:n] = bytes(n - got)
-            for i, is_set in enumerate(src.bitmap.bits(lo, hi).tolist()):
-                if not is_set:
-                    a = i * SECTOR_SIZE
-                    piece = buf[a : min(a + SECTOR_SIZE, n)]
-                    pwrite_all(out_fd, [piece], target.data_offset + start + a)
+            write_clear_sectors(out_fd, buf[:n], src.bitmap.bits(lo, hi).tolist(), target.data_offset + start)
 
 
 def _copy_bits(src: CowFile, target: CowHeader, out_fd: int, *, whole: bool) -> None:
