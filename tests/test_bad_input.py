@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 from bad_corpus import BAD, SIZE, build, load_manifest, setup_environment
 from conftest import assert_one_line_error, run_cli
+from nbdlab import require_nbd
 
 from ubdcow.cli import main
 
 MANIFEST = load_manifest()
 NAMES = sorted(MANIFEST)
-COMMANDS = ["info", "map", "check", "merge", "compare", "rebase", "rebase-unsafe", "diff", "convert"]
+COMMANDS = ["info", "map", "check", "merge", "compare", "rebase", "rebase-unsafe", "diff", "convert", "serve"]
 #: the commands that never read the backing file, or only report on it
 BACKING_OPTIONAL = {"info", "map", "convert", "rebase-unsafe"}
 
@@ -58,6 +59,7 @@ def argv(command: str, name: str) -> list[str]:
         "rebase-unsafe": ["rebase", name, "--backing", "fit.img", "--unsafe"],
         "diff": ["diff", "good.img", name, "-o", "out.cow"],
         "convert": ["convert", name, "-o", "out.cow"],
+        "serve": ["serve", name, "--run", "true"],  # refused before nbdkit starts: nothing served, nothing left
     }[command]
 
 
@@ -85,6 +87,8 @@ def raw_by_magic(name: str) -> bool:
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_file(corpus, name, command):
+    if command == "serve":
+        require_nbd("nbdkit")
     kind, words = MANIFEST[name]["kind"], MANIFEST[name]["words"]
     before = listing(corpus)
     original = (corpus / name).read_bytes()

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import run_cli
 
 import ubdcow
@@ -86,22 +88,37 @@ def json_invocations(tmp_path):
         "rebase": ["rebase", cow, "--backing", spare],
         "diff": ["diff", backing, merged, "-o", tmp_path / "d.cow"],
         "convert": ["convert", cow, "-o", tmp_path / "c.cow", "--layout", "v2"],
+        "serve": ["serve", cow, "--run", "true"],  # needs nbdkit: see json_ready below
         "demo": ["demo"],
     }
+
+
+def json_ready(calls):
+    """The invocations this machine can run: serve needs nbdkit (required in CI)."""
+    from nbdlab import require_nbd
+
+    try:
+        require_nbd("nbdkit")
+    except pytest.skip.Exception:
+        calls = {k: v for k, v in calls.items() if k != "serve"}
+    return calls
 
 
 def test_every_command_accepts_json_and_prints_valid_json(tmp_path):
     calls = json_invocations(tmp_path)
     assert sorted(calls) == COMMANDS
-    for name, args in calls.items():
+    for name, args in json_ready(calls).items():
         proc = run_cli(*args[:1], "--json", *args[1:])
         assert proc.returncode == 0, (name, proc.stderr)
-        data = json.loads(proc.stdout)
+        # serve --run: the command owns stdout, the ready line goes to stderr
+        data = json.loads(proc.stderr if name == "serve" else proc.stdout)
         assert isinstance(data, (dict, list)) and data, name
+        if name == "serve":
+            assert data["cow"] == str(args[1]) and data["writable"] is False and data["uri"].startswith("nbd+unix")
 
 
 def test_quiet_prints_nothing_and_keeps_the_exit_code(tmp_path):
-    calls = json_invocations(tmp_path)
+    calls = json_ready(json_invocations(tmp_path))
     for name, args in calls.items():
         if name in ("create", "merge", "diff", "convert"):
             args = [*args, "--overwrite"] if name != "create" else ["create", "--force", *args[1:]]

@@ -30,6 +30,7 @@ from .errors import (
     ImageRangeError,
     NotACowFileError,
     OutputError,
+    ServeError,
     UbdCowError,
     UnrecordableWriteError,
     UnsupportedSectorSizeError,
@@ -82,4 +83,5 @@ __all__ = [
     "UnrecordableWriteError",
     "OutputError",
     "ImageIOError",
+    "ServeError",
 ]

@@ -24,6 +24,7 @@ __all__ = [
     "UnrecordableWriteError",
     "OutputError",
     "ImageIOError",
+    "ServeError",
 ]
 
 
@@ -109,6 +110,10 @@ class ImageIOError(UbdCowError):
     ) -> None:
         self.errno = errno
         super().__init__(filename, message, hint=hint)
+
+
+class ServeError(UbdCowError):
+    """The NBD server cannot start: nbdkit or its Python plugin missing or unusable, a socket or port taken."""
 
 
 def io_error(filename: str | os.PathLike[str], exc: OSError, what: str | None = None) -> ImageIOError:

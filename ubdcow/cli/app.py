@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import UbdCowError
-from . import change, compare, create, demo, inspect, merge
+from . import change, compare, create, demo, inspect, merge, serve
 from .base import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -34,6 +34,7 @@ COMMANDS: tuple[Command, ...] = (
     change.REBASE,
     change.DIFF,
     change.CONVERT,
+    serve.SERVE,
     demo.DEMO,
 )
 

@@ -1,0 +1,250 @@
+"""Serve the virtual disk of a COW file over NBD by running nbdkit with ubdcow's plugin (:mod:`ubdcow.nbd`).
+
+nbdkit speaks the protocol (Unix sockets, TCP, TLS, ``--run``, multi-conn);
+this module checks what can be checked before it starts — nbdkit and its
+Python plugin installed, the plugin's Python the same minor version as ours,
+the COW and backing files usable, the socket path or port free — so that a
+failure is one line, then runs it in the foreground and cleans up after it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import socket as _socket
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import ServeError
+from .image import CowImage
+
+#: Debian packages that provide nbdkit and its Python plugin
+PACKAGES = "nbdkit nbdkit-plugin-python"
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd.py")
+_READY_TIMEOUT = 60.0
+
+
+@dataclass
+class ServeOptions:
+    """What to serve and how; the defaults are the safe ones (read-only, a private Unix socket)."""
+
+    cow: str
+    backing: str | None = None
+    writable: bool = False
+    force: bool = False
+    lock: bool = True
+    socket: str | None = None
+    port: int | None = None
+    bind: str = "127.0.0.1"
+    run: str | None = None
+    tls_psk: str | None = None
+    tls_certificates: str | None = None
+    backing_holes: bool = False
+    nbdkit_args: list[str] = field(default_factory=list)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_psk or self.tls_certificates)
+
+
+def find_nbdkit() -> str:
+    """Path of nbdkit, after checking its Python plugin embeds this interpreter's Python version."""
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise ServeError(None, "nbdkit is not installed", hint=f"apt-get install {PACKAGES}")
+    try:
+        proc = subprocess.run([nbdkit, "python", "--dump-plugin"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServeError(None, f"cannot run {nbdkit}: {exc}", hint=f"apt-get install {PACKAGES}") from None
+    facts = dict(line.split("=", 1) for line in proc.stdout.decode(errors="replace").splitlines() if "=" in line)
+    if proc.returncode != 0 or "python_version" not in facts:
+        raise ServeError(None, "nbdkit's Python plugin is not installed", hint="apt-get install nbdkit-plugin-python")
+    theirs = ".".join(facts["python_version"].split(".")[:2])
+    ours = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if theirs != ours:
+        raise ServeError(
+            None,
+            f"nbdkit's Python plugin embeds Python {theirs}, but ubdcow runs on Python {ours}: the packages it "
+            "needs (numpy) cannot be loaded across versions",
+            hint=f"run ubdcow serve with a Python {theirs} interpreter (e.g. a virtualenv made with python{theirs})",
+        )
+    return nbdkit
+
+
+def check_image(opts: ServeOptions) -> None:
+    """Open the image as the server will (same errors as ``info``/``merge``), then close it."""
+    with CowImage(
+        opts.cow, "r+" if opts.writable else "r", backing=opts.backing, check_backing=not opts.force, lock=opts.lock
+    ):
+        pass
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port(bind: str, port: int) -> None:
+    """Refuse a TCP port that is already taken (nbdkit would fail with less context)."""
+    try:
+        infos = _socket.getaddrinfo(bind, port, type=_socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ServeError(None, f"cannot bind to {bind}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with _socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ServeError(None, f"port {port} on {bind} is not free: {exc.strerror or exc}") from None
+
+
+def uri_of(opts: ServeOptions, socket_path: str | None) -> str:
+    """The NBD URI a client connects to."""
+    scheme = "nbds" if opts.tls else "nbd"
+    if socket_path is not None:
+        return f"{scheme}+unix:///?socket={socket_path}"
+    host = opts.bind
+    if host in ("0.0.0.0", "::", ""):  # every address: name this host, not the wildcard
+        host = _socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{opts.port}"
+
+
+def nbdkit_command(nbdkit: str, opts: ServeOptions, socket_path: str | None, pidfile: str) -> list[str]:
+    """The nbdkit command line (foreground, exits with its parent)."""
+    cmd = [nbdkit, "-f", "--exit-with-parent", "-P", pidfile]
+    if socket_path is not None:
+        cmd += ["-U", socket_path]
+    else:
+        cmd += ["-p", str(opts.port), "-i", opts.bind]
+    if not opts.writable:
+        cmd.append("-r")
+    if opts.tls:
+        cmd.append("--tls=require")
+        cmd += [f"--tls-psk={opts.tls_psk}"] if opts.tls_psk else [f"--tls-certificates={opts.tls_certificates}"]
+    if opts.run is not None:
+        cmd += ["--run", opts.run]
+    cmd += opts.nbdkit_args
+    cmd += ["python", PLUGIN, f"cow={os.path.abspath(opts.cow)}"]
+    if opts.backing is not None:
+        cmd.append(f"backing={os.path.abspath(opts.backing)}")
+    cmd += [f"writable={int(opts.writable)}", f"force={int(opts.force)}", f"lock={int(opts.lock)}"]
+    if opts.backing_holes:
+        cmd.append("backing-holes=1")
+    return cmd
+
+
+def plugin_environment() -> dict[str, str]:
+    """Our environment, with this interpreter's import path for the plugin's embedded Python."""
+    env = dict(os.environ)
+    paths = [p for p in sys.path if p and not _is_stdlib(p)] + [os.path.dirname(os.path.dirname(PLUGIN))]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _is_stdlib(path: str) -> bool:
+    """A folder of this interpreter's own standard library: nbdkit's Python has its own."""
+    if "site-packages" in path or "dist-packages" in path:
+        return False
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
+    full = os.path.abspath(path)
+    return any(full == r or full.startswith(r + os.sep) for r in roots) or full.endswith(".zip")
+
+
+def serve(
+    opts: ServeOptions,
+    *,
+    on_ready: Callable[[str, int, str | None], object] | None = None,
+    warn: Callable[[str], object] | None = None,
+) -> int:
+    """Run nbdkit until it stops; returns its exit status (with ``run``, the command's).
+
+    ``on_ready(uri, pid, socket)`` is called once the server accepts connections
+    (``pid``: nbdkit's; ``socket``: the Unix socket's path, None with TCP);
+    ``warn(message)`` gets one-line warnings (e.g. TCP without TLS).
+    KeyboardInterrupt and other exceptions in this process stop the server
+    (SIGTERM, so that it flushes and releases its locks) before propagating.
+    """
+    nbdkit = find_nbdkit()
+    if opts.socket is not None and opts.port is not None:
+        raise ServeError(None, "give --socket or --port, not both")
+    if opts.socket is not None and os.path.lexists(opts.socket):
+        raise ServeError(opts.socket, "the socket path exists (remove it, or choose another)")
+    if opts.port is not None:
+        check_port(opts.bind, opts.port)
+        if not is_loopback(opts.bind) and not opts.tls and warn is not None:
+            warn(
+                f"warning: serving {opts.cow} on {opts.bind}:{opts.port} without TLS: anyone who can reach it can "
+                "read" + (" and write" if opts.writable else "") + " the disk"
+            )
+    check_image(opts)
+    private = tempfile.mkdtemp(prefix="ubdcow-serve-")  # mode 0700
+    try:
+        socket_path = opts.socket
+        if socket_path is None and opts.port is None:
+            socket_path = os.path.join(private, "nbd.sock")
+        pidfile = os.path.join(private, "nbdkit.pid")
+        socket_path = os.path.abspath(socket_path) if socket_path else None
+        cmd = nbdkit_command(nbdkit, opts, socket_path, pidfile)
+        proc = subprocess.Popen(cmd, env=plugin_environment())
+        try:
+            if not _wait_ready(proc, pidfile):
+                return 1 if proc.returncode in (None, 0) else proc.returncode
+            if on_ready is not None:
+                on_ready(uri_of(opts, socket_path), proc.pid, socket_path)
+            return proc.wait()
+        finally:
+            _stop(proc)
+    finally:
+        if opts.socket is not None and os.path.exists(opts.socket):
+            _remove_socket(opts.socket)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], pidfile: str) -> bool:
+    """Wait until nbdkit listens (it writes its pid file then); False if it exited first."""
+    deadline = time.monotonic() + _READY_TIMEOUT
+    while not os.path.exists(pidfile):
+        if proc.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            raise ServeError(None, f"nbdkit did not start within {_READY_TIMEOUT:.0f} s")
+        time.sleep(0.02)
+    return True
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (nbdkit then closes the image: flush, locks released), SIGKILL after 30 s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
