@@ -282,7 +282,6 @@ def test_sigkill_during_a_four_connection_write_leaves_a_consistent_file(tmp_pat
     with ubdcow.open(cow) as disk:
         current = np.frombuffer(disk.read(), dtype=np.uint8).copy()
     kills = {"server": 0, "client": 0}
-    duration = 0.0  # of a whole copy, timed in trial 0 (not interrupted): the kills land inside the next ones
     for trial in range(9):
         source = tmp_path / "source.img"
         new = np.frombuffer(rng.randbytes(size), dtype=np.uint8).copy()
@@ -292,18 +291,19 @@ def test_sigkill_during_a_four_connection_write_leaves_a_consistent_file(tmp_pat
         server = Server(cow, tmp_path, "--writable")
         with server:
             assert server.proc is not None
+            (nbdkit,) = _children(server.proc.pid)
             copy = subprocess.Popen(["nbdcopy", "--connections=4", "--request-size=65536", str(source), server.uri],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            started = time.monotonic()
             if victim == "none":
                 assert copy.wait(timeout=120) == 0
-                duration = time.monotonic() - started
-            time.sleep(rng.uniform(0.1, 0.8) * duration)
+            else:
+                # kill once the server has written a random share of the disk: by progress, not by a timer, so
+                # the kill lands mid-copy however fast this machine copies
+                _wait_written(nbdkit, int(rng.uniform(0.1, 0.8) * size), copy)
             killed = copy.poll() is None
             if killed:
                 kills[victim] += 1
                 if victim == "server":
-                    (nbdkit,) = _children(server.proc.pid)
                     os.kill(nbdkit, signal.SIGKILL)
                 else:
                     copy.kill()
@@ -322,7 +322,24 @@ def test_sigkill_during_a_four_connection_write_leaves_a_consistent_file(tmp_pat
         new_ok = (sectors == new.reshape(-1, SECTOR)).all(axis=1)
         assert (old_ok | new_ok).all(), f"trial {trial}: sectors neither old nor new: {np.flatnonzero(~(old_ok | new_ok))[:10]}"
         current = now.copy()
+    print(f"OBSERVED: kills that landed mid-copy: {kills}")
     assert kills["server"] >= 3 and kills["client"] >= 3, kills  # the kills landed mid-copy
+
+
+def _written(pid: int) -> int:
+    """Bytes the process has passed to write system calls so far (``wchar`` of /proc/PID/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no wchar in /proc/{pid}/io")
+
+
+def _wait_written(pid: int, target: int, copy: subprocess.Popen[bytes]) -> None:
+    """Return once ``pid`` has written ``target`` bytes, or ``copy`` has ended."""
+    deadline = time.monotonic() + 120
+    while _written(pid) < target and copy.poll() is None:
+        assert time.monotonic() < deadline, "the copy made no progress"
+        time.sleep(0.001)
 
 
 def test_extents_one_at_a_time_merge_kinds_and_scan_a_bounded_range(tmp_path: Path) -> None:
