@@ -89,6 +89,8 @@ def json_invocations(tmp_path):
         "diff": ["diff", backing, merged, "-o", tmp_path / "d.cow"],
         "convert": ["convert", cow, "-o", tmp_path / "c.cow", "--layout", "v2"],
         "serve": ["serve", cow, "--run", "true"],  # needs nbdkit: see json_ready below
+        "du": ["du", tmp_path],
+        "compact": ["compact", cow],
         "demo": ["demo"],
     }
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .check import CheckReport, Finding, check
+from .compact import CompactResult, compact
 from .compare import CompareResult, compare
 from .convert import ConvertResult, convert
 from .create import create
 from .diff import DiffResult, diff
+from .du import DuReport, du
 from .errors import (
     BackingFileError,
     BackingMismatchError,
@@ -55,6 +57,8 @@ __all__ = [
     "rebase",
     "diff",
     "convert",
+    "du",
+    "compact",
     "MergeResult",
     "CheckReport",
     "Finding",
@@ -62,6 +66,8 @@ __all__ = [
     "RebaseResult",
     "DiffResult",
     "ConvertResult",
+    "DuReport",
+    "CompactResult",
     "CowFile",
     "CowImage",
     "CowHeader",

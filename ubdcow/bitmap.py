@@ -317,6 +317,21 @@ class Bitmap:
             self._set_window(byte_lo, byte_hi, lo, w_hi)
             lo = w_hi
 
+    def clear_range(self, lo: int, hi: int) -> None:
+        """Clear bits [lo, hi) in the file, writing back only bytes that change.
+
+        Callers must not free the sectors' data before the cleared bits are
+        durable (fsync): until then a crash may leave the bits set.
+        """
+        if lo < 0 or hi > self.nbits:
+            raise ValueError(f"bits [{lo}, {hi}) outside the bitmap's {self.nbits}")
+        while lo < hi:
+            byte_lo = lo // 8
+            byte_hi = min(byte_lo + WINDOW, (hi + 7) // 8)
+            w_hi = min(hi, byte_hi * 8)
+            self._set_window(byte_lo, byte_hi, lo, w_hi, clear=True)
+            lo = w_hi
+
     def _set_small(self, lo: int, hi: int) -> None:
         """set_range for a few bits in one cached chunk, with Python integers."""
         byte_lo, byte_hi = lo // 8, (hi + 7) // 8
@@ -328,14 +343,14 @@ class Bitmap:
             pwrite_all(self.fd, [data], self.offset + byte_lo)
             self._patch(byte_lo, data)
 
-    def _set_window(self, byte_lo: int, byte_hi: int, lo: int, hi: int) -> None:
+    def _set_window(self, byte_lo: int, byte_hi: int, lo: int, hi: int, *, clear: bool = False) -> None:
         buf, base = self._bytes(byte_lo, byte_hi)
         old = np.frombuffer(buf, dtype=np.uint8, count=byte_hi - byte_lo, offset=byte_lo - base)
         mask = np.full(byte_hi - byte_lo, 0xFF, dtype=np.uint8)
         mask[0] &= (0xFF << (lo % 8)) & 0xFF
         if hi % 8:
             mask[-1] &= (1 << (hi % 8)) - 1
-        new = old | mask
+        new = old & ~mask if clear else old | mask
         changed = np.flatnonzero(new != old)
         if changed.size == 0:
             return

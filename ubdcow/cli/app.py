@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import UbdCowError
-from . import change, compare, create, demo, inspect, merge, serve
+from . import change, compact, compare, create, demo, du, inspect, merge, serve
 from .base import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -35,6 +35,8 @@ COMMANDS: tuple[Command, ...] = (
     change.DIFF,
     change.CONVERT,
     serve.SERVE,
+    du.DU,
+    compact.COMPACT,
     demo.DEMO,
 )
 
@@ -45,13 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ubdcow",
         description="Inspect, create and flatten User-Mode Linux copy-on-write (COW) block images.",
         epilog="Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), "
-        "70 internal error; check and compare have their own (see their --help). See docs/cli.md.",
+        "70 internal error; check and compare have their own (see their --help); with several COW files, info, map, "
+        "check and compact exit with the worst file's code. See docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"ubdcow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help, description=command.description)
+        p = sub.add_parser(command.name, help=command.help, description=command.description, epilog=command.epilog)
         command.arguments(p)
         p.set_defaults(func=command.handler, error_code=command.error_code)
     return parser

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 from ..errors import UbdCowError
 
@@ -23,6 +23,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 EXIT_INTERNAL = 70
+
+T = TypeVar("T")
 
 
 class Terminated(BaseException):
@@ -115,6 +117,7 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None]
     handler: Handler
     error_code: int = EXIT_ERROR  # the exit code when the handler raises a UbdCowError
+    epilog: str | None = None  # what ``--help`` prints after the options
 
 
 # -- progress ------------------------------------------------------------------
@@ -177,6 +180,79 @@ def report(exc: UbdCowError, out: Output, code: int = EXIT_ERROR) -> int:
 def add_cow(p: argparse.ArgumentParser, help: str = "the COW file") -> None:
     """The positional ``COW`` argument."""
     p.add_argument("cow", metavar="COW", help=help)
+
+
+def add_cows(p: argparse.ArgumentParser, help: str = "the COW file (several may be given)") -> None:
+    """One or more positional ``COW`` arguments (``args.cows``)."""
+    p.add_argument("cows", metavar="COW", nargs="+", help=help)
+
+
+#: ``--help`` epilog of the commands that take several COW files (see :func:`worst`)
+SEVERAL_FILES = (
+    "Several COW files may be given: each gets its own section (a JSON array with --json; one file gives the "
+    "single object, as before), a file that cannot be read is reported on one line and the others are still "
+    "processed, and the exit code is the worst of the files' codes"
+)
+
+
+def worst(codes: Sequence[int], order: Sequence[int] = (EXIT_OK, EXIT_ERROR)) -> int:
+    """The worst exit code of ``codes``: the one latest in ``order`` (codes not in it count as worst)."""
+    rank = {code: i for i, code in enumerate(order)}
+    return max(codes, key=lambda c: rank.get(c, len(order)), default=EXIT_OK)
+
+
+def error_record(path: str, exc: UbdCowError, code: int = EXIT_ERROR) -> dict[str, Any]:
+    """What ``--json`` lists for a file that could not be processed among several."""
+    return {"file": path, "error": str(exc), "hint": exc.hint, "exit_code": code}
+
+
+def several(
+    paths: Sequence[str],
+    out: Output,
+    compute: Callable[[str], T],
+    show: Callable[[T], int],
+    as_json: Callable[[T], tuple[int, Any]],
+    *,
+    error_code: int = EXIT_ERROR,
+    order: Sequence[int] = (EXIT_OK, EXIT_ERROR),
+    blank_lines: bool = True,
+) -> int:
+    """Run a command on each of ``paths``; the worst exit code (see :data:`SEVERAL_FILES`).
+
+    ``compute`` makes a file's result, ``show`` prints it for humans and gives
+    its exit code, ``as_json`` gives its exit code and JSON value. One path
+    keeps the single-file behaviour: one JSON object, and an error raised.
+    ``blank_lines``: a blank line between the sections (not for one-line results).
+    """
+    if len(paths) == 1:
+        result = compute(paths[0])
+        if out.json:
+            code, value = as_json(result)
+            out.dump(value)
+            return code
+        return show(result)
+    codes: list[int] = []
+    values: list[Any] = []
+    shown = False
+    for path in paths:
+        try:
+            result = compute(path)
+        except UbdCowError as exc:
+            codes.append(report(exc, out, error_code))
+            values.append(error_record(path, exc, error_code))
+            continue
+        if out.json:
+            code, value = as_json(result)
+            values.append(value)
+        else:
+            if shown and blank_lines:
+                out.line()  # a blank line between sections
+            code = show(result)
+            shown = True
+        codes.append(code)
+    if out.json:
+        out.dump(values)
+    return worst(codes, order)
 
 
 def add_no_lock(p: argparse.ArgumentParser, kind: str = "read") -> None:

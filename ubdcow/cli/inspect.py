@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UbdCowError
 from ..lock import describe_holder
-from .base import EXIT_OK, Bar, Command, Output, add_common, add_cow, add_no_lock, disk_size, plural, when
+from .base import (
+    EXIT_OK,
+    SEVERAL_FILES,
+    Bar,
+    Command,
+    Output,
+    add_common,
+    add_cows,
+    add_no_lock,
+    disk_size,
+    error_record,
+    plural,
+    report,
+    several,
+    when,
+    worst,
+)
 
 if TYPE_CHECKING:
     from ..check import CheckReport
@@ -15,21 +34,20 @@ if TYPE_CHECKING:
 
 # -- info ------------------------------------------------------------------------
 def _info_arguments(p: argparse.ArgumentParser) -> None:
-    add_cow(p)
+    add_cows(p)
     p.add_argument("--backing", metavar="PATH", help="use this backing file instead of the recorded one")
     add_common(p)
 
 
 def cmd_info(args: argparse.Namespace, out: Output) -> int:
-    """``ubdcow info``."""
+    """``ubdcow info COW ...``: exit 0, or 1 if a file could not be read."""
     from ..inspect import info
 
-    facts = info(args.cow, backing=args.backing)
-    if out.json:
-        out.dump(facts)
+    def show(facts: dict[str, Any]) -> int:
+        print_info(facts, out)
         return EXIT_OK
-    print_info(facts, out)
-    return EXIT_OK
+
+    return several(args.cows, out, lambda path: info(path, backing=args.backing), show, lambda facts: (EXIT_OK, facts))
 
 
 def _backing_status(b: dict[str, Any]) -> str:
@@ -94,28 +112,68 @@ INFO = Command(
     description="Show a COW file's header, backing file status, and apparent vs allocated size.",
     arguments=_info_arguments,
     handler=cmd_info,
+    epilog=SEVERAL_FILES + ": 1 if any file could not be read, else 0.",
 )
 
 
 # -- map -------------------------------------------------------------------------
 def _map_arguments(p: argparse.ArgumentParser) -> None:
-    add_cow(p)
+    add_cows(p)
     p.add_argument("--backing", metavar="PATH", help="accepted for symmetry; map never reads the backing file")
     add_common(p)
 
 
+def _dump_extents(extents: Iterable[dict[str, Any]], out: Output, indent: str = "") -> None:
+    # streamed: a fragmented 2 TiB image has millions of extents
+    out.stdout.write("[")
+    for i, e in enumerate(extents):
+        out.stdout.write(("," if i else "") + "\n  " + indent + json.dumps(e))
+    out.stdout.write("\n" + indent + "]")
+
+
 def cmd_map(args: argparse.Namespace, out: Output) -> int:
-    """``ubdcow map``."""
+    """``ubdcow map COW ...``."""
     from ..inspect import iter_map
 
-    extents = iter_map(args.cow)
-    if out.json:
-        # streamed: a fragmented 2 TiB image has millions of extents
-        out.stdout.write("[")
-        for i, e in enumerate(extents):
-            out.stdout.write(("," if i else "") + "\n  " + json.dumps(e))
-        out.stdout.write("\n]\n")
+    if len(args.cows) == 1:
+        if out.json:
+            _dump_extents(iter_map(args.cows[0]), out)
+            out.stdout.write("\n")
+        else:
+            _print_map(iter_map(args.cows[0]), out)
         return EXIT_OK
+    codes = []
+    done = 0
+    if out.json:
+        out.stdout.write("[")
+    for path in args.cows:
+        extents = iter_map(path)
+        try:
+            first = next(extents, None)  # opens the file: its errors come before any of its output
+        except UbdCowError as exc:
+            codes.append(report(exc, out))
+            if out.json:
+                out.stdout.write(("," if done else "") + "\n  " + json.dumps(error_record(path, exc)))
+                done += 1
+            continue
+        stream = itertools.chain([] if first is None else [first], extents)
+        if out.json:
+            out.stdout.write(("," if done else "") + '\n  {"file": ' + json.dumps(path) + ', "extents": ')
+            _dump_extents(stream, out, "  ")
+            out.stdout.write("}")
+        else:
+            if done:
+                out.line()
+            out.line(f"{path}:")
+            _print_map(stream, out)
+        done += 1
+        codes.append(EXIT_OK)
+    if out.json:
+        out.stdout.write("\n]\n")
+    return worst(codes)
+
+
+def _print_map(extents: Iterable[dict[str, Any]], out: Output) -> None:
     totals = {"cow": 0, "zero": 0, "backing": 0}
     out.line(f"{'start':>16} {'length':>16} {'source':<8} {'offset':>16}")
     for e in extents:
@@ -123,7 +181,6 @@ def cmd_map(args: argparse.Namespace, out: Output) -> int:
         out.line(f"{e['start']:>16} {e['length']:>16} {e['source']:<8} {e['offset']:>16}")
     out.line()
     out.line("totals: " + ", ".join(f"{out.size(n)} {name}" for name, n in totals.items()))
-    return EXIT_OK
 
 
 MAP = Command(
@@ -134,12 +191,13 @@ MAP = Command(
     "file). Only the COW file is read.",
     arguments=_map_arguments,
     handler=cmd_map,
+    epilog=SEVERAL_FILES + " (human output: a 'COW:' line before each table): 1 if any file could not be read.",
 )
 
 
 # -- check -----------------------------------------------------------------------
 def _check_arguments(p: argparse.ArgumentParser) -> None:
-    add_cow(p)
+    add_cows(p)
     p.add_argument("--backing", metavar="PATH", help="check against this backing file instead of the recorded one")
     p.add_argument(
         "--repair",
@@ -151,15 +209,26 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
 
 
+#: the exit codes of check, from best to worst: clean, backing mismatch, could not run, corrupt
+CHECK_ORDER = (0, 3, 1, 2)
+
+
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
-    """``ubdcow check``: exit 0 clean, 2 corrupt, 3 backing file mismatch."""
+    """``ubdcow check COW ...``: exit 0 clean, 2 corrupt, 3 backing file mismatch; the worst of several."""
     from ..check import check
 
-    with Bar(out, disk_size(args.cow), "check") as bar:
-        report = check(args.cow, backing=args.backing, progress=bar.update, repair=args.repair, lock=not args.no_lock)
-    if out.json:
-        out.dump(report.as_dict())
+    def compute(path: str) -> CheckReport:
+        with Bar(out, disk_size(path), "check") as bar:
+            return check(path, backing=args.backing, progress=bar.update, repair=args.repair, lock=not args.no_lock)
+
+    def show(report: CheckReport) -> int:
+        _print_check(args, report, out)
         return report.exit_code
+
+    return several(args.cows, out, compute, show, lambda r: (r.exit_code, r.as_dict()), error_code=1, order=CHECK_ORDER)
+
+
+def _print_check(args: argparse.Namespace, report: CheckReport, out: Output) -> None:
     if args.repair:
         n = report.repaired_pages
         out.line(f"repaired {plural(n, 'mixed page')}" + (" (made whole, same content)" if n else ""))
@@ -172,8 +241,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         )
     for f in report.findings:
         out.line(f"{f.severity}: {f.message} [{f.code}]")
-    _check_verdict(args.cow, report, out)
-    return report.exit_code
+    _check_verdict(report.file, report, out)
 
 
 def _check_verdict(cow: str, report: CheckReport, out: Output) -> None:
@@ -200,4 +268,5 @@ CHECK = Command(
     arguments=_check_arguments,
     handler=cmd_check,
     error_code=1,
+    epilog=SEVERAL_FILES + ", from best to worst: 0 clean, 3 backing mismatch, 1 could not run, 2 corrupt.",
 )
