@@ -23,19 +23,40 @@ GEOMETRY_KEYS = ("version", "layout", "mtime", "size", "sectorsize", "alignment"
                  "data_offset", "sectors")
 
 
-def require_tool(name: str, package: str = "uml-utilities user-mode-linux") -> str:
-    """Path of a real tool (a UML tool unless ``package`` says otherwise); skip when it is absent, or
-    fail instead under UBDCOW_REQUIRE_UML=1. Looks in PATH, then the sbin and bin folders."""
+def require(condition: object, message: str) -> None:
+    """Skip the test with ``message`` unless ``condition`` holds; under UBDCOW_REQUIRE_UML=1 fail instead.
+
+    CI sets UBDCOW_REQUIRE_UML=1 and runs as root with every real tool installed (``.ci/run``): there a
+    missing tool, missing root or a filesystem feature that is absent is a failure, never a skip.
+    """
+    if condition:
+        return
+    if REQUIRE_UML:
+        pytest.fail(f"UBDCOW_REQUIRE_UML=1 but {message}")
+    pytest.skip(message)
+
+
+def require_root(why: str) -> None:
+    """``why`` needs root (CI runs as root): skip elsewhere, fail under UBDCOW_REQUIRE_UML=1."""
+    require(os.geteuid() == 0, f"{why} needs root")
+
+
+def find_tool(name: str) -> str | None:
+    """Path of a program: PATH, then the sbin and bin folders (a non-root PATH often lacks sbin)."""
     path = shutil.which(name)
     for folder in ("/usr/sbin", "/sbin", "/usr/bin", "/bin"):
         if path is None and os.access(f"{folder}/{name}", os.X_OK):
             path = f"{folder}/{name}"
-    if path:
-        return path
-    message = f"{name} is not installed (apt-get install {package})"
-    if REQUIRE_UML:
-        pytest.fail(f"UBDCOW_REQUIRE_UML=1 but {message}")
-    pytest.skip(message)
+    return path
+
+
+def require_tool(name: str, package: str = "uml-utilities user-mode-linux") -> str:
+    """Path of a real tool (a UML tool unless ``package`` says otherwise); skip when it is absent, or
+    fail instead under UBDCOW_REQUIRE_UML=1."""
+    path = find_tool(name)
+    require(path, f"{name} is not installed (apt-get install {package})")
+    assert path is not None
+    return path
 
 
 @dataclass

@@ -4,6 +4,12 @@ A crash or kill -9 never leaves a partial file under the final name; the
 temporary file is named after its target and its writer's pid
 (``.NAME.PID.XXXX.ubdcow-tmp``) so a later run can remove leftovers whose
 writer is dead.
+
+An output made from other files (``inputs``) is no more readable than they
+are: its group and others keep only the permission bits every input gives
+them (see :func:`allowed_bits`). A COW file names the file it reads, so an
+untrusted one can make a privileged ubdcow read a secret; the secret then
+lands in a file only its owner can read.
 """
 
 from __future__ import annotations
@@ -20,15 +26,40 @@ from . import lock as _lock
 from ._io import fsync_dir, same_file
 from .errors import ImageIOError, ImageLockedError, OutputError
 
-__all__ = ["AtomicFile", "check_output_path", "TMP_SUFFIX"]
+__all__ = ["AtomicFile", "allowed_bits", "check_output_path", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".ubdcow-tmp"
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it: set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def allowed_bits(inputs: Iterable[os.stat_result], gid: int) -> int:
+    """The permission bits (of 0o777) an output of group ``gid`` made from ``inputs`` may have.
+
+    Its group and others keep only what every input gives them; an input's
+    group bits count for the output's group only when the input has that same
+    group (to anyone else the input's "other" bits apply). The owner's bits
+    are not limited: the output's owner is the user who read the inputs.
+    """
+    bits = 0o777
+    for st in inputs:
+        other = st.st_mode & 0o007
+        group = st.st_mode & 0o070 if st.st_gid == gid else other << 3
+        bits &= 0o700 | group | other
+    return bits
+
+
+def _may_own(uid: int, inputs: Iterable[os.stat_result]) -> bool:
+    """Whether ``uid`` may own an output made from ``inputs``: it can read each of them as their owner
+    or as anyone (group membership is not looked at: when in doubt, no)."""
+    if uid in (0, os.geteuid()):
+        return True
+    return all((st.st_uid == uid and st.st_mode & 0o400) or st.st_mode & 0o004 for st in inputs)
 
 
 def check_output_path(
@@ -111,11 +142,21 @@ class AtomicFile:
     """A temporary file that becomes ``path`` on :meth:`commit`, or vanishes.
 
     Use as a context manager: leaving the block without commit (an error,
-    Ctrl-C) removes the temporary file.
+    Ctrl-C) removes the temporary file. ``inputs``: the stat results of the
+    files whose content the output holds (a mapping like
+    :func:`check_output_path`'s, or a list); the output is then no more
+    readable than they are (:func:`allowed_bits`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        inputs: Mapping[str, os.stat_result] | Iterable[os.stat_result] | None = None,
+    ) -> None:
         path = os.fspath(path)
+        self.inputs = None if inputs is None else list(inputs.values() if isinstance(inputs, Mapping) else inputs)
         if os.path.islink(path) and os.path.exists(path):
             path = os.path.realpath(path)  # replace the file the link points at, not the link
         self.path = path
@@ -158,19 +199,23 @@ class AtomicFile:
         self.committed = True
 
     def _set_owner_and_mode(self) -> None:
-        """A new file gets the usual 0666 & ~umask; a replaced one keeps its mode and (if allowed) owner."""
+        """A new file gets 0666 & ~umask, limited by the inputs' bits (:func:`allowed_bits`); a replaced one
+        keeps its group, its owner (if that owner may read the inputs) and its mode (if not wider)."""
         try:
             old = os.stat(self.path) if self.overwrite else None
         except OSError:
             old = None
-        if old is None:
-            os.fchmod(self.fd, 0o666 & ~_umask())
-            return
-        try:
-            os.fchown(self.fd, old.st_uid, old.st_gid)
-        except OSError:
-            pass  # not ours to give away: keep the writer's
-        os.fchmod(self.fd, stat.S_IMODE(old.st_mode))
+        if old is not None:
+            uid = old.st_uid if self.inputs is None or _may_own(old.st_uid, self.inputs) else -1
+            try:
+                os.fchown(self.fd, uid, old.st_gid)
+            except OSError:
+                pass  # not ours to give away: keep the writer's
+        allowed = 0o7777 if self.inputs is None else allowed_bits(self.inputs, os.fstat(self.fd).st_gid)
+        mode = 0o666 & ~current_umask() & allowed
+        if old is not None and stat.S_IMODE(old.st_mode) & ~allowed == 0:
+            mode = stat.S_IMODE(old.st_mode)
+        os.fchmod(self.fd, mode)
 
     def _link_no_replace(self) -> None:
         try:

@@ -127,6 +127,9 @@ def _refuse_stray_bits(cow: CowFile) -> None:
         )
 
 
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
 class _Compactor:
     """One pass over a COW file open for writing (or a dry run) with its backing file."""
 
@@ -145,35 +148,44 @@ class _Compactor:
         self._cbuf, self._bbuf = bytearray(), bytearray()
 
     # -- looking ---------------------------------------------------------------
-    def _read_pages(self, spans: list[tuple[int, int]], count: int) -> tuple[np.ndarray, np.ndarray]:
-        """The pages of ``spans`` from the COW file and from the backing file, as rows of 64-bit words.
+    def _classify(self, spans: list[tuple[int, int]], lo: int, returned: np.ndarray, zero: np.ndarray) -> None:
+        """Mark the pages of ``spans`` (all bits set) equal to the backing file's in ``returned``, and the
+        other pages of zeros in ``zero`` (both indexed from page ``lo``).
 
-        The common case: one ``pread`` per span and file, joined; a short read (the end of the disk or
-        of the COW file) or an error takes the careful path (:meth:`_read_pages_into`).
+        One ``pread`` per span and file, compared as bytes (a memcmp that stops at the first difference:
+        no copy, no array); a short read (the end of the disk or of the COW file) or an error takes the
+        careful path (:meth:`_read_pages_into`).
         """
-        cfd, bfd, base = self.cow.fd, self.bfd, self.base
-        pread = os.pread
-        cow: list[bytes] = []
-        back: list[bytes] = []
-        try:
-            for a, b in spans:
-                start, n = a * PAGE_SIZE, (b - a) * PAGE_SIZE
-                cow.append(pread(cfd, n, base + start))
-                back.append(pread(bfd, n, start))
-        except OSError:
-            return self._read_pages_into(spans, count)
-        cdata, bdata = b"".join(cow), b"".join(back)
-        if len(cdata) != count * PAGE_SIZE or len(bdata) != count * PAGE_SIZE:
-            return self._read_pages_into(spans, count)
-        shape = (count, PAGE_SIZE // 8)
-        return (
-            np.frombuffer(cdata, dtype=np.uint64).reshape(shape),
-            np.frombuffer(bdata, dtype=np.uint64).reshape(shape),
-        )
+        cfd, bfd, base, pread = self.cow.fd, self.bfd, self.base, os.pread
+        for a, b in spans:
+            n = (b - a) * PAGE_SIZE
+            try:
+                c = pread(cfd, n, base + a * PAGE_SIZE)
+                k = pread(bfd, n, a * PAGE_SIZE)
+            except OSError:
+                c = k = b""
+            if len(c) != n or len(k) != n:
+                cw, kw = self._read_pages_into([(a, b)], b - a)
+                equal = (cw == kw).all(axis=1)
+                returned[a - lo : b - lo] = equal
+                zero[a - lo : b - lo] = ~equal & ~cw.any(axis=1)
+            elif c == k:
+                returned[a - lo : b - lo] = True
+            elif b - a == 1:
+                zero[a - lo] = c == _ZERO_PAGE
+            else:
+                for i in range(b - a):
+                    page = c[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                    if page == k[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]:
+                        returned[a - lo + i] = True
+                    elif page == _ZERO_PAGE:
+                        zero[a - lo + i] = True
 
     def _read_pages_into(self, spans: list[tuple[int, int]], count: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_read_pages`, carefully: only the disk's defined bytes [0, size) are read (the rest of a
-        last page is zeros, and so is COW data past the end of the file), and errors name the file."""
+        """The pages of ``spans`` from the COW file and from the backing file, as rows of 64-bit words.
+
+        Only the disk's defined bytes [0, size) are read (the rest of a last page is zeros, and so is COW
+        data past the end of the file), and errors name the file."""
         need = count * PAGE_SIZE
         if len(self._cbuf) < need:
             self._cbuf, self._bbuf = bytearray(need), bytearray(need)
@@ -236,18 +248,8 @@ class _Compactor:
         empty = set_count == 0
         returned = np.zeros(hi - lo, dtype=bool)
         zero = np.zeros(hi - lo, dtype=bool)
-        rows = np.flatnonzero(full)
-        if rows.size:
-            cow, back = self._read_pages(_spans(full, lo), int(rows.size))
-            # the first word of a page tells most pages apart: compare the rest only where it does not
-            same = np.flatnonzero(cow[:, 0] == back[:, 0])
-            equal = np.zeros(rows.size, dtype=bool)
-            equal[same] = (cow[same] == back[same]).all(axis=1)
-            blank = np.flatnonzero((cow[:, 0] == 0) & ~equal)
-            zeros = np.zeros(rows.size, dtype=bool)
-            zeros[blank] = ~cow[blank].any(axis=1)
-            returned[rows] = equal
-            zero[rows] = zeros
+        if full.any():
+            self._classify(_spans(full, lo), lo, returned, zero)
         c = self.counts
         c.mixed += int((~full & ~empty).sum())
         c.returned += int(returned.sum())

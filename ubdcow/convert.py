@@ -108,7 +108,9 @@ def convert(
         try:
             inputs = [("COW file", src.stat)] + [("backing file", st) for st in backing_stats(h, src.name, backing)]
             check_output_path(output, overwrite=overwrite, inputs=inputs)
-            with AtomicFile(output, overwrite=overwrite) as out:
+            # the output holds the COW file's data, and the backing file's where it fills mixed pages
+            sources = [src.stat] + ([os.fstat(bfd)] if bfd >= 0 else [])
+            with AtomicFile(output, overwrite=overwrite, inputs=sources) as out:
                 try:
                     pwrite_all(out.fd, [target.to_bytes()], 0)
                     os.ftruncate(out.fd, target.file_size)

@@ -76,7 +76,7 @@ def diff(
                 header = make_header("v3", *backing_record(base_path, bst), size)
             except ValueError as exc:
                 raise BackingFileError(base_path, f"cannot record it as a backing file: {exc}") from None
-            with AtomicFile(output, overwrite=overwrite) as out:
+            with AtomicFile(output, overwrite=overwrite, inputs=inputs) as out:
                 try:
                     pwrite_all(out.fd, [header.to_bytes()], 0)
                     os.ftruncate(out.fd, header.file_size)

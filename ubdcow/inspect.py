@@ -8,7 +8,7 @@ from typing import Any
 
 from . import lock as _lock
 from ._io import mtime_seconds
-from .backing import mismatch_hint, mismatch_message, open_backing
+from .backing import backing_candidates, mismatch_hint, mismatch_message, open_backing
 from .errors import BackingFileError
 from .format import CowHeader
 from .image import CowFile
@@ -24,12 +24,30 @@ def cow_bytes(header: CowHeader, cow_sectors: int, last_set: bool) -> int:
     return min(total, header.size)
 
 
+def _opened_path(fd: int, path: str) -> str:
+    """The path of the file open as ``fd`` (the kernel's answer, so no link can change in between), else
+    ``path`` with its links resolved."""
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+    return name if name.startswith("/") else os.path.realpath(path)
+
+
 def backing_status(
     header: CowHeader, cow_path: str, cow_stat: os.stat_result, backing: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
-    """Where the backing file is and whether UML would accept it (never raises for a bad backing)."""
+    """Where the backing file is and whether UML would accept it (never raises for a bad backing).
+
+    ``resolved`` is the file the path leads to through symbolic links (what
+    ubdcow reads: an untrusted COW file can name any file).
+    """
+    path = os.fspath(backing) if backing is not None else header.backing_file
+    # not found: where the first place it is looked for leads (a dangling link's target)
+    first = path if backing is not None or not path else backing_candidates(header, cow_path)[0]
     status: dict[str, Any] = {
-        "path": os.fspath(backing) if backing is not None else header.backing_file,
+        "path": path,
+        "resolved": os.path.realpath(first) if first else None,
         "exists": False,
         "size": None,
         "mtime": None,
@@ -44,10 +62,14 @@ def backing_status(
         status["problem"] = exc.message if exc.filename == cow_path else str(exc)
         status["hint"] = exc.hint
         return status
-    os.close(fd)
+    try:
+        resolved = _opened_path(fd, path)
+    finally:
+        os.close(fd)
     mtime = mtime_seconds(st)
     status.update(
         path=path,
+        resolved=resolved,
         exists=True,
         size=size,
         mtime=mtime,

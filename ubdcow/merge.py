@@ -290,7 +290,7 @@ def merge(
         check_output_path(
             output, overwrite=overwrite, inputs={"COW file": os.fstat(cow_fd), "backing file": backing_stat}
         )
-        with AtomicFile(output, overwrite=overwrite) as out:
+        with AtomicFile(output, overwrite=overwrite, inputs=(os.fstat(cow_fd), backing_stat)) as out:
             try:
                 os.ftruncate(out.fd, img.size)
                 if not sparse:

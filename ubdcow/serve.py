@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ._atomic import allowed_bits, current_umask
 from .errors import ServeError
 from .image import CowImage
 
@@ -79,12 +80,68 @@ def find_nbdkit() -> str:
     return nbdkit
 
 
-def check_image(opts: ServeOptions) -> None:
-    """Open the image as the server will (same errors as ``info``/``merge``), then close it."""
+def check_image(opts: ServeOptions) -> tuple[os.stat_result, os.stat_result]:
+    """Open the image as the server will (same errors as ``info``/``merge``), then close it; the stat
+    results of the COW file and of its backing file."""
     with CowImage(
         opts.cow, "r+" if opts.writable else "r", backing=opts.backing, check_backing=not opts.force, lock=opts.lock
-    ):
-        pass
+    ) as img:
+        cow_fd, backing_fd = img.fds
+        return os.fstat(cow_fd), os.fstat(backing_fd)
+
+
+def socket_mode(gid: int, cow: os.stat_result, backing: os.stat_result, writable: bool) -> int:
+    """The mode of a Unix socket of group ``gid`` that serves the disk: its group and others may connect only
+    if they can read both files (and, with ``writable``, write the COW file), less the umask.
+
+    Connecting takes write permission on the socket and gives all the server gives, so a class gets all
+    three bits or none.
+    """
+    read = allowed_bits([cow, backing], gid)
+    write = allowed_bits([cow], gid) if writable else 0o777
+    mode = 0o700
+    if read & 0o040 and write & 0o020:
+        mode |= 0o070
+    if read & 0o004 and write & 0o002:
+        mode |= 0o007
+    return mode & ~current_umask()
+
+
+# sun_path holds 108 bytes with its NUL
+_SUN_PATH = 108
+
+
+def _staging_folder(final: str) -> str:
+    """A new 0700 folder beside ``final`` (the same filesystem: the socket made there is linked at ``final``)."""
+    folder = os.path.dirname(final)
+    try:
+        staging = tempfile.mkdtemp(prefix=".ubdcow-", dir=folder)
+    except OSError as exc:
+        raise ServeError(final, f"cannot create the socket in {folder}: {exc.strerror}") from None
+    staged = os.path.join(staging, "s")
+    if len(os.fsencode(staged)) >= _SUN_PATH:
+        os.rmdir(staging)
+        raise ServeError(
+            final,
+            f"socket folder path too long: serve first makes the socket at {staged} ({len(os.fsencode(staged))} "
+            f"bytes), and a Unix socket's path holds at most {_SUN_PATH - 1}",
+        )
+    return staging
+
+
+def _publish(staged: str, final: str, cow: os.stat_result, backing: os.stat_result, writable: bool) -> None:
+    """Give the socket nbdkit made in the staging folder its mode, then link it at ``final``.
+
+    nbdkit sets its own umask (022), so its socket would be open to everyone from the moment it listens;
+    in a 0700 folder nobody else can reach it until it has the right mode.
+    """
+    try:
+        os.chmod(staged, socket_mode(os.stat(staged).st_gid, cow, backing, writable))
+        os.link(staged, final)
+    except FileExistsError:
+        raise ServeError(final, "the socket path exists (it appeared while the server started)") from None
+    except OSError as exc:
+        raise ServeError(final, f"cannot create the socket: {exc.strerror}") from None
 
 
 def is_loopback(address: str) -> bool:
@@ -194,28 +251,39 @@ def serve(
                 f"warning: serving {opts.cow} on {opts.bind}:{opts.port} without TLS: anyone who can reach it can "
                 "read" + (" and write" if opts.writable else "") + " the disk"
             )
-    check_image(opts)
+    cow_stat, backing_stat = check_image(opts)
     private = tempfile.mkdtemp(prefix="ubdcow-serve-")  # mode 0700
+    final = os.path.abspath(opts.socket) if opts.socket is not None else None
+    staging = None
+    linked = False
     try:
-        socket_path = opts.socket
-        if socket_path is None and opts.port is None:
+        socket_path = None
+        if final is not None:  # made in a 0700 folder beside PATH, then linked there (see _publish)
+            staging = _staging_folder(final)
+            socket_path = os.path.join(staging, "s")
+        elif opts.port is None:
             socket_path = os.path.join(private, "nbd.sock")
         pidfile = os.path.join(private, "nbdkit.pid")
-        socket_path = os.path.abspath(socket_path) if socket_path else None
         cmd = nbdkit_command(nbdkit, opts, socket_path, pidfile)
         proc = subprocess.Popen(cmd, env=plugin_environment())
         try:
             if not _wait_ready(proc, pidfile):
                 return 1 if proc.returncode in (None, 0) else proc.returncode
+            if final is not None and socket_path is not None:
+                _publish(socket_path, final, cow_stat, backing_stat, opts.writable)
+                linked = True
+                socket_path = final
             if on_ready is not None:
                 on_ready(uri_of(opts, socket_path), proc.pid, socket_path)
             return proc.wait()
         finally:
             _stop(proc)
     finally:
-        if opts.socket is not None and os.path.exists(opts.socket):
-            _remove_socket(opts.socket)
-        shutil.rmtree(private, ignore_errors=True)
+        if linked and final is not None:
+            _remove_socket(final)
+        for folder in (staging, private):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], pidfile: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,11 @@ def print_info(facts: dict[str, Any], out: Output) -> None:
         ),
         ("backing file", facts["backing_file"] or "(none recorded)"),
         ("backing status", _backing_status(b)),
+    ]
+    if b.get("resolved") and b["path"] and b["resolved"] != os.path.abspath(b["path"]):
+        what = "the file ubdcow reads" if b["exists"] else "missing"
+        rows.append(("resolves to", f"{b['resolved']} (through symbolic links: {what})"))
+    rows += [
         ("recorded mtime", when(facts["mtime"])),
     ]
     if b["exists"] and not b["mtime_matches"]:
