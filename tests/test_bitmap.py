@@ -117,3 +117,78 @@ def test_scan_and_summary_count_bits_and_mixed_pages_like_the_model(data):
                 os.close(fd)
     finally:
         bm.WINDOW, bm.CHUNK, bm.CACHE_CHUNKS = old
+
+
+def test_page_bytes_and_lookups_from_many_threads_share_the_cache(tmp_path):
+    """Readers of one image look bits up from several threads at once: with a cache of two tiny chunks,
+    evictions race with lookups, and every answer still matches the file."""
+    import random
+    import sys
+    import threading
+
+    old = (bm.CHUNK, bm.CACHE_CHUNKS)
+    bm.CHUNK, bm.CACHE_CHUNKS = 5, 2
+    rng = random.Random(4)
+    content = bytes(rng.choice([0, 0xFF, rng.randrange(256)]) for _ in range(400))
+    model = bits_of(content)
+    path = tmp_path / "bits"
+    path.write_bytes(b"H" * 7 + content)
+    fd = os.open(path, os.O_RDONLY)
+    failures: list[str] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        bitmap = Bitmap(fd, 7, len(content), 8 * len(content))
+
+        def lookups(seed: int) -> None:
+            r = random.Random(seed)
+            try:
+                for _ in range(3000):
+                    start = r.randrange(len(content))
+                    end = r.randrange(start + 1, min(len(content), start + 12) + 1)
+                    buf, base = bitmap.page_bytes(start, end)
+                    if bytes(buf[start - base : end - base]) != content[start:end]:
+                        failures.append(f"page_bytes({start}, {end})")
+                    lo = r.randrange(8 * len(content))
+                    hi = min(8 * len(content), lo + r.randrange(1, 60))
+                    if bitmap.runs_list(lo, hi) != model_runs(model, lo, hi):
+                        failures.append(f"runs_list({lo}, {hi})")
+            except Exception as exc:  # a thread cannot fail the test itself: reported below
+                failures.append(repr(exc))
+
+        threads = [threading.Thread(target=lookups, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        bm.CHUNK, bm.CACHE_CHUNKS = old
+        os.close(fd)
+    assert not failures, failures[:5]
+
+
+def test_a_chunk_evicted_by_another_reader_between_lookup_and_touch_is_still_served(tmp_path):
+    """The race the threaded test above hits only now and then, made certain: another reader evicts the chunk
+    just after this one found it in the cache."""
+    from collections import OrderedDict
+
+    class EvictedRightAfterLookup(OrderedDict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            if value is not None:
+                del self[key]
+            return value
+
+    content = bytes(range(256)) * 2
+    path = tmp_path / "bits"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bitmap = Bitmap(fd, 0, len(content), 8 * len(content))
+        bitmap._cache = EvictedRightAfterLookup()
+        for start in (3, 3, 300, 3):
+            buf, base = bitmap.page_bytes(start, start + 4)
+            assert bytes(buf[start - base : start - base + 4]) == content[start : start + 4]
+    finally:
+        os.close(fd)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -392,6 +393,201 @@ def test_write_zeroes_inside_one_sector(tmp_path) -> None:
         assert sector_runs(img.extents()) == [[8, 8]]  # its page, sectors 8..15
     assert raw_data(cow, 4096, 4096) == model[4096:8192]
     assert raw_data(cow, 4096, 904) == backing.read_bytes()[4096:5000]
+
+
+# -- the read path: whole-page bitmap bytes, mixed pages, threads, the map of sources -----------
+
+
+def _raw_cow(folder: Path, size: int, seed: int, mixed: float, cut: int | None = None) -> tuple[Path, Path, bytes]:
+    """A COW file whose bitmap bytes and data area are written directly (random pages 0x00, 0xFF or, with
+    probability ``mixed``, mixed), its data area cut ``cut`` bytes short; returns it, its backing and the
+    disk's bytes as the kernel reads them (set bits past the end of the file read as zeros)."""
+    cow, backing, content = make_disk(folder, size, seed)
+    header = read_header(cow)
+    rng = random.Random(seed)
+    sectors = -(-size // SECTOR)
+    bits = bytearray(header.bitmap_len)
+    for page in range(len(bits)):
+        roll = rng.random()
+        if roll < mixed:
+            bits[page] = rng.randrange(1, 255)
+        elif roll < mixed + 0.35:
+            bits[page] = 0xFF
+        # runs of several pages, not only isolated ones
+        if page and rng.random() < 0.5:
+            bits[page] = bits[page - 1]
+    if sectors % 8:  # bits past the last sector are never set
+        bits[-1] &= (1 << (sectors % 8)) - 1
+    data = rng.randbytes(sectors * SECTOR)
+    length = header.data_offset + len(data) - (cut or 0)
+    with open(cow, "r+b") as f:
+        f.seek(header.bitmap_offset)
+        f.write(bits)
+        f.seek(header.data_offset)
+        f.write(data)
+        f.truncate(length)
+    disk = bytearray(content)
+    for s in range(sectors):
+        if bits[s // 8] >> (s % 8) & 1:
+            got = data[s * SECTOR : (s + 1) * SECTOR][: max(0, length - header.data_offset - s * SECTOR)]
+            disk[s * SECTOR : (s + 1) * SECTOR] = got.ljust(SECTOR, b"\0")[: size - s * SECTOR]
+    return cow, backing, bytes(disk[:size])
+
+
+@pytest.mark.parametrize(("mixed", "cut"), [(0.0, None), (0.15, None), (0.0, 300_000), (0.05, 12_345)])
+def test_reads_of_any_shape_match_the_bits(tmp_path, mixed, cut) -> None:
+    """Reads planned from whole-page bitmap bytes, and the sector path for mixed pages, agree with the bits."""
+    size = (3 << 20) + 5000  # the last page is short
+    cow, backing, disk = _raw_cow(tmp_path, size, seed=int(mixed * 100) + (cut or 0), mixed=mixed, cut=cut)
+    rng = random.Random(7)
+    with ubdcow.open(cow, backing=backing) as img:
+        assert img.read() == disk
+        for _ in range(400):
+            length = rng.choice([1, 511, 4096, 8192, 65536, 65537, 262144, 1 << 20, rng.randrange(1, 3 << 20)])
+            offset = rng.choice([rng.randrange(size), rng.randrange(size // 4096) * 4096, size - length])
+            offset = max(0, offset)
+            assert img.pread(length, offset) == disk[offset : offset + length]
+            buf = bytearray(length)
+            n = img.preadinto(buf, offset)
+            assert buf[:n] == disk[offset : offset + length]
+
+
+def _sector_stamp(index: int, sector: int) -> bytes:
+    """Sector ``sector`` as write ``index`` writes it: no two writes or sectors alike, never all zeros."""
+    return (index.to_bytes(4, "little") + b"WRIT" + sector.to_bytes(8, "little")).ljust(SECTOR, bytes([index % 251]))
+
+
+def test_concurrent_readers_and_a_writer_see_whole_writes(tmp_path) -> None:
+    """Three threads read while one writes, zeroes and flushes: every read is exactly the disk after some
+    write (reads share the lock, writes hold it alone), and the final disk is every write in order."""
+    size = 4 << 20
+    sectors = size // SECTOR
+    cow, backing, content = make_disk(tmp_path, size, seed=11)
+    rng = random.Random(3)
+    writes: list[tuple[int, int, bool]] = []  # (first sector, count, zeroes), in the order they are done
+    for _ in range(300):
+        count = rng.choice([1, 3, 8, 16, 64, 200])
+        writes.append((rng.randrange(sectors - count), count, rng.random() < 0.15))
+
+    def state(upto: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the disk after writes [0, upto)."""
+        disk = bytearray(content[offset : offset + length])
+        for index in range(upto):
+            first, count, zeroes = writes[index]
+            for s in range(max(first, offset // SECTOR), min(first + count, (offset + length) // SECTOR)):
+                at = s * SECTOR - offset
+                disk[at : at + SECTOR] = bytes(SECTOR) if zeroes else _sector_stamp(index, s)
+        return bytes(disk)
+
+    progress = {"done": 0, "stop": False}  # writes finished (updated after each write returns)
+    failures: list[str] = []
+    reads = [0]
+
+    def reader(seed: int) -> None:
+        r = random.Random(seed)
+        while not progress["stop"] and not failures:
+            length = r.choice([SECTOR, 4096, 65536, 262144, 1 << 20])
+            offset = r.randrange(0, size - length + 1, SECTOR)
+            low = progress["done"]
+            if r.random() < 0.5:
+                data = img.pread(length, offset)
+            else:
+                buf = bytearray(length)
+                assert img.preadinto(memoryview(buf), offset) == length
+                data = bytes(buf)
+            high = min(progress["done"] + 1, len(writes))  # + 1: a write may end before "done" counts it
+            if not any(state(k, offset, length) == data for k in range(low, high + 1)):
+                failures.append(f"read of {length} at {offset} is not the disk after any of writes {low}..{high}")
+            reads[0] += 1
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so that reads and writes interleave
+    try:
+        with ubdcow.open(cow, "r+", backing=backing) as img:
+            threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(3)]
+            for t in threads:
+                t.start()
+            for index, (first, count, zeroes) in enumerate(writes):
+                if zeroes:
+                    img.write_zeroes(first * SECTOR, count * SECTOR)
+                else:
+                    img.pwrite(b"".join(_sector_stamp(index, s) for s in range(first, first + count)), first * SECTOR)
+                progress["done"] = index + 1
+                if index % 50 == 0:
+                    img.flush()
+            progress["stop"] = True
+            for t in threads:
+                t.join()
+            assert not failures, failures[:3]
+            assert reads[0] > 30  # the readers did run alongside the writes
+            assert img.read() == state(len(writes), 0, size)
+    finally:
+        sys.setswitchinterval(old_interval)
+    with ubdcow.open(cow, backing=backing) as img:  # the file holds it too, in whole pages
+        assert img.read() == state(len(writes), 0, size)
+    report = ubdcow.check(cow, backing=backing)
+    assert report.mixed_pages == 0
+
+
+def _coalesced(pieces) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for a, b, kind in pieces:
+        if out and out[-1][2] == kind and out[-1][1] == a:
+            out[-1] = (out[-1][0], b, kind)
+        else:
+            out.append((a, b, kind))
+    return out
+
+
+@pytest.mark.parametrize("fiemap", [True, False])
+@pytest.mark.parametrize("short_backing", [False, True])
+def test_source_runs_match_mapping_and_the_backings_holes(tmp_path, monkeypatch, fiemap, short_backing) -> None:
+    """source_runs (FIEMAP confirms data, SEEK_DATA answers the rest) says what mapping and SEEK_DATA say:
+    zeros for set bits over holes in the data area or past its end, and for clear bits over holes in the
+    backing file or past its end."""
+    from ubdcow import _cowfile
+    from ubdcow._io import Segments
+
+    if not fiemap:  # the filesystem cannot tell: everything from SEEK_DATA/SEEK_HOLE
+        monkeypatch.setattr(_cowfile, "written_extents", lambda fd, start, end: None)
+    size = (6 << 20) + 3000
+    cow, backing, _ = make_disk(tmp_path, size, seed=5)
+    rng = random.Random(9)
+    fd = os.open(backing, os.O_RDWR)
+    try:
+        for _ in range(12):  # holes in the backing file
+            start = rng.randrange(size // 65536) * 65536
+            assert punch_hole(fd, start, 65536 * rng.randrange(1, 4))
+        if short_backing:
+            os.ftruncate(fd, size - 700_000)
+    finally:
+        os.close(fd)
+    with ubdcow.open(cow, "r+", backing=backing, check_backing=False) as img:
+        for _ in range(60):
+            length = rng.choice([512, 4096, 20000, 300_000])
+            offset = rng.randrange(size - length)
+            if rng.random() < 0.3:
+                img.write_zeroes(offset, length)  # set bits over holes punched in the data area
+            else:
+                img.pwrite(rng.randbytes(length), offset)
+    header = read_header(cow)
+    os.truncate(cow, header.data_offset + size - 400_000)  # set bits past the end of the COW file
+    with ubdcow.open(cow, backing=backing, check_backing=False) as img:
+        for offset, length in [(0, size), (0, 4096), (size - 5000, 5000)] + [
+            (rng.randrange(size), rng.randrange(1, 2 << 20)) for _ in range(40)
+        ]:
+            starts, ends, sources = img.source_runs(offset, length)
+            got = _coalesced(zip(starts.tolist(), ends.tolist(), sources.tolist(), strict=True))
+            backing_segments = Segments(img.fds[1])
+            want = []
+            for e in img.mapping(offset, length):
+                if e.source == "backing":
+                    want += [(a, b, 0 if data else 2) for a, b, data in backing_segments(e.start, e.start + e.length)]
+                else:
+                    want.append((e.start, e.start + e.length, 1 if e.source == "cow" else 2))
+            assert got == _coalesced(want)
+        whole = _coalesced(zip(*[a.tolist() for a in img.source_runs()], strict=True))
+        assert {k for _, _, k in whole} == {0, 1, 2}  # all three sources occur
 
 
 # -- v1 rounding bug, sector size, modes -------------------------------------------

@@ -9,9 +9,9 @@ and backing sectors).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,7 @@ class _PageWriter:
     _fd: int
     _data_offset: int
     _bitmap: Bitmap
-    _mutex: threading.Lock
+    _mutex: contextlib.AbstractContextManager[object]
     _dirty: bool
 
     if TYPE_CHECKING:

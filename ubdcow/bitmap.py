@@ -181,23 +181,36 @@ class Bitmap:
         return buf
 
     def _chunk(self, index: int) -> bytearray:
-        chunk = self._cache.get(index)
+        # Readers of one CowImage run this concurrently (writers run alone). Each OrderedDict call is
+        # atomic, but another reader may evict an entry between two of them: both cases are harmless.
+        cache = self._cache
+        chunk = cache.get(index)
         if chunk is None:
             start = index * CHUNK
             chunk = self._read(start, min(start + CHUNK, self.nbytes))
-            self._cache[index] = chunk
-            if len(self._cache) > CACHE_CHUNKS:
-                self._cache.popitem(last=False)
+            cache[index] = chunk
+            while len(cache) > CACHE_CHUNKS:
+                try:
+                    cache.popitem(last=False)
+                except KeyError:
+                    break
         else:
-            self._cache.move_to_end(index)
+            try:
+                cache.move_to_end(index)
+            except KeyError:
+                pass
         return chunk
 
-    def _bytes(self, start: int, end: int) -> tuple[bytes | bytearray | memoryview, int]:
-        """Bytes [start, end) of the bitmap and the byte index they begin at (maybe earlier)."""
+    def page_bytes(self, start: int, end: int) -> tuple[bytearray, int]:
+        """Bitmap bytes [start, end) and the byte index they begin at (maybe earlier): byte *p* holds the
+        8 bits of 4 KiB page *p* of the disk, 0x00 all clear, 0xFF all set. Cached, so not to be changed;
+        bits past :attr:`nbits` are not masked (callers check ``end * 8 <= nbits``)."""
         index = start // CHUNK
         if (end - 1) // CHUNK == index:
             return self._chunk(index), index * CHUNK
         return self._read(start, end), start
+
+    _bytes = page_bytes
 
     def windows(self, lo: int, hi: int) -> Iterator[tuple[bytes | bytearray | memoryview, int, int, int]]:
         """Yield ``(buf, first_bit, lo, hi)`` windows covering honoured bits [lo, hi)."""

@@ -13,13 +13,14 @@ import errno
 import io
 import mmap
 import os
+import re
 import threading
 from collections.abc import Iterator
 
 import numpy as np
 
 from . import lock as _lock
-from ._cowfile import _SHIFT, CowFile, Extent
+from ._cowfile import _SHIFT, CowFile, Extent, split_data
 from ._io import pread_into
 from ._pagewrite import _PageWriter
 from .backing import check_backing_file, open_backing
@@ -28,11 +29,80 @@ from .format import SECTOR_SIZE, CowHeader
 
 __all__ = ["CowFile", "CowImage", "Extent", "open"]
 
-# reads of whole sectors between these sizes may take the numpy overlay path
+# reads of whole sectors between these sizes may take the numpy overlay path (bitmaps with mixed pages)
 _OVERLAY_MIN = 64 << 10
 _OVERLAY_MAX = 16 << 20
 # requests up to this size first try to find a single source (larger ones rarely have one)
 _ONE_SOURCE_MAX = 64 << 10
+# COW runs shorter than this are copied from the mapping (no system call); longer ones are read with
+# preadv, which lets other threads run while the kernel copies
+_MAP_COPY_MAX = 64 << 10
+_PAGE_SHIFT = 12
+_PAGE = 1 << _PAGE_SHIFT
+# A bitmap byte holds the 8 bits of a 4 KiB page: 0x00 all backing, 0xFF all COW (every writer keeps pages
+# whole), anything else a mixed page.
+_COW_PAGES = re.compile(rb"[^\x00]+")
+_span = re.Match.span
+_NO_RUNS = np.empty(0, dtype=np.int64)
+_SOURCE_RUNS_MAX = 4 << 30  # bytes of disk per source_runs call: 8 Mi sectors, 1 MiB of bitmap
+
+
+class SharedLock:
+    """A readers-writer lock: reads share it; writes, flush and close take it alone.
+
+    Used as a context manager it is the exclusive side (what the write path's
+    ``with self._mutex:`` takes); :meth:`acquire_shared`/:meth:`release_shared`
+    are the readers' side. A writer closes the gate to new readers, then
+    waits for the readers inside to leave, so writers are not starved. The
+    readers inside are counted in a list (``append`` and ``pop`` are atomic),
+    so a read costs one uncontended lock round trip.
+    """
+
+    def __init__(self) -> None:
+        self._gate = threading.Lock()
+        self._readers: list[None] = []
+        self._drained = threading.Condition(threading.Lock())
+        self._writer_waiting = False
+
+    def acquire_shared(self) -> None:
+        """Enter as a reader (waits while a writer holds the lock or waits for it)."""
+        with self._gate:
+            self._readers.append(None)
+
+    def release_shared(self) -> None:
+        """Leave as a reader."""
+        self._readers.pop()
+        if self._writer_waiting and not self._readers:
+            with self._drained:
+                self._drained.notify_all()
+
+    def acquire(self) -> None:
+        """Take the lock alone: no new reader gets in, then wait for the readers inside to leave."""
+        self._gate.acquire()
+        if not self._readers:
+            return
+        try:
+            with self._drained:
+                self._writer_waiting = True
+                try:
+                    while self._readers:
+                        self._drained.wait()
+                finally:
+                    self._writer_waiting = False
+        except BaseException:
+            self._gate.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the exclusive side."""
+        self._gate.release()
+
+    def __enter__(self) -> SharedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class CowImage(_PageWriter, io.RawIOBase):
@@ -66,7 +136,9 @@ class CowImage(_PageWriter, io.RawIOBase):
         self._bfd = -1
         self._pos = 0
         self._dirty = False
-        self._mutex = threading.Lock()
+        self._lock = SharedLock()
+        # the write path (_pagewrite) takes ``with self._mutex:``: the exclusive side of the same lock
+        self._mutex = self._lock
         writable = mode == "r+"
         try:
             self._open(writable, backing, check_backing, lock)
@@ -81,6 +153,8 @@ class CowImage(_PageWriter, io.RawIOBase):
         self.size = header.size
         self._data_offset = header.data_offset
         self._bitmap = cow.bitmap
+        # pages whose 8 bits are all honoured: reads inside them may look at whole bitmap bytes
+        self._whole_pages = cow.bitmap.nbits >> 3
         self._bfd, self.backing_name, bst, self._backing_size = open_backing(header, self.name, cow.stat, backing)
         if check_backing:
             check_backing_file(header, self.name, self.backing_name, bst, self._backing_size)
@@ -178,7 +252,8 @@ class CowImage(_PageWriter, io.RawIOBase):
             if self._fd >= 0:
                 self.flush()
         finally:
-            self._close_fds()
+            with self._mutex:  # wait for reads in flight: they use the mapping and the descriptors
+                self._close_fds()
             super().close()
 
     def _close_fds(self) -> None:
@@ -209,17 +284,18 @@ class CowImage(_PageWriter, io.RawIOBase):
         n = min(length, self.size - offset)
         if n <= 0:
             return b""
-        with self._mutex:
-            source = self._one_source(offset, n)
-            if source is not None:  # the common case: one system call, no copy
-                try:
-                    data = os.pread(source[0], n, source[1])
-                except OSError:
-                    data = b""  # the general path reports it, naming the file and offset
-                if len(data) == n:
+        lock = self._lock
+        lock.acquire_shared()
+        try:
+            self._check_open()
+            if n <= _ONE_SOURCE_MAX:
+                data = self._read_one_source(offset, n)
+                if data is not None:  # the common case: one system call (or one copy from the map)
                     return data
-        buf = bytearray(n)
-        self._readinto_at(memoryview(buf), offset, one_source_tried=True)
+            buf = bytearray(n)
+            self._fill(memoryview(buf), offset)
+        finally:
+            lock.release_shared()
         return bytes(buf)
 
     def preadinto(self, buffer: memoryview | bytearray, offset: int) -> int:
@@ -230,8 +306,13 @@ class CowImage(_PageWriter, io.RawIOBase):
     def backing_preadinto(self, buffer: memoryview | bytearray, offset: int) -> None:
         """Fill ``buffer`` from the backing file at ``offset``, whatever the bitmap says (zeros past its end)."""
         self._checkClosed()
-        with self._mutex:
+        lock = self._lock
+        lock.acquire_shared()
+        try:
+            self._check_open()
             self._read_backing(memoryview(buffer).cast("B"), offset)
+        finally:
+            lock.release_shared()
 
     # -- maps ----------------------------------------------------------------
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, str]]:
@@ -243,6 +324,39 @@ class CowImage(_PageWriter, io.RawIOBase):
         """Like :meth:`extents`, but cow runs over holes in the data area are split off as "zero"."""
         self._checkClosed()
         return self._cow.mapping(offset, length)
+
+    def source_runs(self, offset: int = 0, length: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What :meth:`mapping` says, with the backing file's holes too, as arrays for large ranges.
+
+        Returns ``(starts, ends, sources)`` of pieces covering [offset, offset+length) in order (not
+        coalesced), ``sources`` 0 for backing data, 1 for COW data, 2 for zeros: clear bits over a hole
+        or past the end of the backing file, or set bits over a hole in the data area. One call covers
+        at most 4 GiB (one bitmap window); ask again from where it ends for the rest.
+        """
+        self._checkClosed()
+        end = self.size if length is None else min(self.size, offset + length)
+        end = min(end, offset + _SOURCE_RUNS_MAX)
+        if offset >= end:
+            return _NO_RUNS, _NO_RUNS, np.empty(0, dtype=np.int8)
+        lo, hi = offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT
+        lock = self._lock
+        lock.acquire_shared()
+        try:
+            self._check_open()
+            bits = self._bitmap.bits(lo, hi)
+            edges = np.flatnonzero(bits[1:] != bits[:-1]) + 1
+            first = np.concatenate(([0], edges))
+            starts = np.maximum((first + lo) << _SHIFT, offset)
+            ends = np.minimum((np.concatenate((edges, [hi - lo])) + lo) << _SHIFT, end)
+            is_set = bits[first]
+            cow = split_data(self._fd, starts[is_set], ends[is_set], self._data_offset)
+            backing = split_data(self._bfd, starts[~is_set], ends[~is_set])
+        finally:
+            lock.release_shared()
+        out_starts = np.concatenate((cow[0], backing[0]))
+        order = np.argsort(out_starts, kind="stable")
+        sources = np.concatenate((np.where(cow[2], 1, 2), np.where(backing[2], 0, 2))).astype(np.int8)
+        return out_starts[order], np.concatenate((cow[1], backing[1]))[order], sources[order]
 
     def count_cow_sectors(self) -> int:
         """Sectors whose bit is set (and honoured)."""
@@ -261,16 +375,92 @@ class CowImage(_PageWriter, io.RawIOBase):
         return self._backing_size
 
     # -- internals -----------------------------------------------------------
-    def _readinto_at(self, view: memoryview, offset: int, *, one_source_tried: bool = False) -> int:
+    def _check_open(self) -> None:
+        """Refuse a read that got the lock after :meth:`close` (which closes under the exclusive lock)."""
+        if self._fd < 0:
+            raise ValueError("I/O operation on closed file.")
+
+    def _readinto_at(self, view: memoryview, offset: int) -> int:
         n = min(len(view), self.size - offset)
         if n <= 0:
             return 0
-        with self._mutex:
-            self._fill(view[:n], offset, one_source_tried=one_source_tried)
+        if n < len(view):
+            view = view[:n]
+        lock = self._lock
+        lock.acquire_shared()
+        try:
+            self._check_open()
+            self._fill(view, offset)
+        finally:
+            lock.release_shared()
         return n
 
     def _fill(self, view: memoryview, offset: int, *, one_source_tried: bool = False) -> None:
-        """Fill ``view`` with the disk's content at ``offset`` (inside the disk; caller holds the mutex)."""
+        """Fill ``view`` with the disk's content at ``offset`` (inside the disk; caller holds the lock).
+
+        Requests inside whole-page bitmap bytes (every bitmap a writer keeps
+        whole) are planned from those bytes with C-speed scans; mixed pages
+        take the sector-level path.
+        """
+        end = offset + len(view)
+        first = offset >> _PAGE_SHIFT
+        last = (end + _PAGE - 1) >> _PAGE_SHIFT
+        if last <= self._whole_pages:
+            pages, base = self._bitmap.page_bytes(first, last)
+            a, b = first - base, last - base
+            cow = pages.count(0xFF, a, b)
+            if cow + pages.count(0, a, b) == b - a:  # no mixed page
+                self._fill_pages(view, offset, end, pages, a, b, base, cow)
+                return
+        self._fill_sectors(view, offset, one_source_tried)
+
+    def _fill_pages(
+        self, view: memoryview, offset: int, end: int, pages: bytearray, a: int, b: int, base: int, cow: int
+    ) -> None:
+        """:meth:`_fill` where the bitmap bytes ``pages[a:b]`` (page ``a + base`` first) are all 0x00 or 0xFF,
+        ``cow`` of them 0xFF."""
+        total = b - a
+        if cow == 0:
+            self._read_backing(view, offset)
+            return
+        if cow == total:
+            self._read_cow(view, offset)
+            return
+        base <<= _PAGE_SHIFT
+        if 2 * cow <= total:
+            # mostly backing: the backing file in one read, then the COW runs copied over it
+            self._read_backing(view, offset)
+            mapv = self._mapv
+            at = self._data_offset + offset
+            if mapv is None or at + len(view) > self._map_len or (offset | end) & (_PAGE - 1):
+                for s, e in map(_span, _COW_PAGES.finditer(pages, a, b)):
+                    lo = max(offset, base + (s << _PAGE_SHIFT))
+                    hi = min(end, base + (e << _PAGE_SHIFT))
+                    self._read_cow(view[lo - offset : hi - offset], lo)
+                return
+            # the hot loop of sequential reads (whole pages, all mapped): a slice copy per run, no system call
+            for s, e in map(_span, _COW_PAGES.finditer(pages, a, b)):
+                lo = (s - a) << _PAGE_SHIFT
+                hi = (e - a) << _PAGE_SHIFT
+                if hi - lo < _MAP_COPY_MAX:
+                    view[lo:hi] = mapv[at + lo : at + hi]
+                else:
+                    self._read_cow(view[lo:hi], offset + lo)
+            return
+        # mostly COW: each run from its file
+        pos = offset
+        for s, e in map(_span, _COW_PAGES.finditer(pages, a, b)):
+            lo = max(offset, base + (s << _PAGE_SHIFT))
+            hi = min(end, base + (e << _PAGE_SHIFT))
+            if pos < lo:
+                self._read_backing(view[pos - offset : lo - offset], pos)
+            self._read_cow(view[lo - offset : hi - offset], lo)
+            pos = hi
+        if pos < end:
+            self._read_backing(view[pos - offset :], pos)
+
+    def _fill_sectors(self, view: memoryview, offset: int, one_source_tried: bool) -> None:
+        """:meth:`_fill` from the bits of each sector (bitmaps with mixed pages, the end of a v1/v2 bitmap)."""
         n = len(view)
         end = offset + n
         if n >= _OVERLAY_MIN and not (offset | n) & (SECTOR_SIZE - 1) and self._overlay(view, offset, n):
@@ -297,8 +487,38 @@ class CowImage(_PageWriter, io.RawIOBase):
             else:
                 self._read_backing(chunk, start)
 
+    def _read_one_source(self, offset: int, n: int) -> bytes | None:
+        """The ``n`` bytes at ``offset`` when they lie in one run and read whole, else None (caller holds the lock)."""
+        first = offset >> _PAGE_SHIFT
+        last = (offset + n + _PAGE - 1) >> _PAGE_SHIFT
+        if last <= self._whole_pages:
+            pages, base = self._bitmap.page_bytes(first, last)
+            a, b = first - base, last - base
+            if b - a == 1:
+                kind = pages[a]  # 0x00, 0xFF or a mixed page
+            else:
+                kind = 0 if pages.count(0, a, b) == b - a else 0xFF if pages.count(0xFF, a, b) == b - a else 1
+            if kind == 0:
+                fd, at = self._bfd, offset
+            elif kind == 0xFF:
+                fd, at = self._fd, self._data_offset + offset
+                if self._map is not None and at + n <= self._map_len:
+                    return self._map[at : at + n]
+            else:
+                return None
+        else:
+            source = self._one_source(offset, n)
+            if source is None:
+                return None
+            fd, at = source
+        try:
+            data = os.pread(fd, n, at)
+        except OSError:
+            return None  # the general path reports it, naming the file and offset
+        return data if len(data) == n else None
+
     def _one_source(self, offset: int, n: int) -> tuple[int, int] | None:
-        """``(fd, file offset)`` when [offset, offset+n) lies in one run, else None (caller holds the mutex)."""
+        """``(fd, file offset)`` when [offset, offset+n) lies in one run, else None (caller holds the lock)."""
         if n > _ONE_SOURCE_MAX:
             return None
         runs = self._bitmap.runs_list(offset >> _SHIFT, (offset + n + SECTOR_SIZE - 1) >> _SHIFT)
@@ -325,7 +545,7 @@ class CowImage(_PageWriter, io.RawIOBase):
 
     def _read_cow(self, chunk: memoryview, pos: int) -> None:
         at = self._data_offset + pos
-        if self._mapv is not None and at + len(chunk) <= self._map_len:
+        if self._mapv is not None and len(chunk) < _MAP_COPY_MAX and at + len(chunk) <= self._map_len:
             chunk[:] = self._mapv[at : at + len(chunk)]
             return
         try:
@@ -339,7 +559,9 @@ class CowImage(_PageWriter, io.RawIOBase):
 
     def _read_backing(self, chunk: memoryview, pos: int) -> None:
         try:
-            got = pread_into(self._bfd, chunk, pos)
+            got = os.preadv(self._bfd, [chunk], pos)
+            if got < len(chunk):
+                got += pread_into(self._bfd, chunk[got:], pos + got)
         except OSError as exc:
             raise ImageIOError(
                 self.backing_name, f"read error at offset {pos}: {exc.strerror}", errno=exc.errno
