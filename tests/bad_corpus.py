@@ -23,36 +23,50 @@ HERE = Path(__file__).parent
 BAD = HERE / "data" / "bad"
 SIZE = 64 * 1024  # the virtual disk of the valid-looking files
 
-sys.path.insert(0, str(HERE.parent))
-from ubdcow.format import make_header  # noqa: E402
+sys.path.insert(0, str(HERE))
+# The headers are assembled field by field at the spec's byte offsets (struct.pack in the model), not with
+# ubdcow's make_header: a mistake shared by ubdcow's builder and its parser cannot hide in this corpus.
+from test_oracle_model import build_header, parse  # noqa: E402
+
+MTIME = 1_700_000_000
+PATH = "/nonexistent/backing.img"
+#: offset and struct format of each patchable field, per layout (the spec's table)
+FIELDS = {
+    "v1": {"version": (4, "<I"), "mtime": (264, "<I"), "size": (268, "<Q"), "sectorsize": (276, "<I")},
+    "v2": {"version": (4, ">I"), "mtime": (4104, ">I"), "size": (4108, ">Q"), "sectorsize": (4116, ">I")},
+    "v3": {"version": (4, ">I"), "mtime": (8, ">I"), "size": (12, ">Q"), "sectorsize": (20, ">I"),
+           "alignment": (24, ">I"), "cow_format": (28, ">I")},
+    "v3-broken": {"version": (4, ">I"), "mtime": (8, ">I"), "size": (16, ">Q"), "sectorsize": (24, ">I"),
+                  "alignment": (28, ">I"), "cow_format": (32, ">I")},
+}
 
 
-def v3(path: str = "/nonexistent/backing.img", **fields: int) -> bytearray:
-    """A v3 header (4128 bytes) with some big-endian fields (size included) overwritten."""
-    data = bytearray(make_header("v3", path, 1_700_000_000, SIZE).to_bytes())
-    offsets = {"version": 4, "mtime": 8, "sectorsize": 20, "alignment": 24, "cow_format": 28}
+def header(layout: str, path: str = PATH, **fields: int) -> bytearray:
+    """A valid ``layout`` header (v1 little-endian, as an x86 kernel writes it) with some fields overwritten."""
+    data = bytearray(build_header(layout, path, MTIME, SIZE, byteorder="little"))
     for name, value in fields.items():
-        if name == "size":
-            data[12:20] = struct.pack(">Q", value)
-        else:
-            data[offsets[name] : offsets[name] + 4] = struct.pack(">I", value)
+        offset, fmt = FIELDS[layout][name]
+        struct.pack_into(fmt, data, offset, value)
     return data
 
 
-def v1(path: str = "/nonexistent/backing.img", sectorsize: int = 512) -> bytearray:
-    data = bytearray(make_header("v1", path, 1_700_000_000, SIZE).to_bytes())
-    data[276:280] = struct.pack("<I", sectorsize)
-    return data
+def v3(path: str = PATH, **fields: int) -> bytearray:
+    """A v3 header (4128 bytes) with some big-endian fields (size included) overwritten."""
+    return header("v3", path, **fields)
 
 
-def v2(path: str = "/nonexistent/backing.img") -> bytearray:
-    return bytearray(make_header("v2", path, 1_700_000_000, SIZE).to_bytes())
+def v1(path: str = PATH, sectorsize: int = 512) -> bytearray:
+    return header("v1", path, sectorsize=sectorsize)
 
 
-def full(header: bytes | bytearray, size: int = SIZE, *, path: str = "/nonexistent/backing.img") -> bytes:
-    """A header followed by a zero bitmap and data area, as long as a fresh COW file."""
-    h = make_header("v3", path, 1_700_000_000, size)
-    return bytes(header) + bytes(h.data_offset + size - len(header))
+def v2(path: str = PATH) -> bytearray:
+    return header("v2", path)
+
+
+def full(head: bytes | bytearray, size: int = SIZE, *, path: str = PATH) -> bytes:
+    """A header followed by a zero bitmap and data area, as long as a fresh v3 COW file."""
+    data_offset = parse(build_header("v3", path, MTIME, size)).data_offset
+    return bytes(head) + bytes(data_offset + size - len(head))
 
 
 def qcow2() -> bytes:
@@ -127,12 +141,30 @@ def build() -> dict[str, tuple[bytes, str, str]]:
     files["size-overflow.cow"] = (bytes(v3(size=2**63 - 512)), "header", "too large")
     files["size-max.cow"] = (bytes(v3(size=2**64 - 1)), "header", "too large")
     files["size-zero.cow"] = (full(v3(size=0)), "header", "size is 0")
+    # the same rules in the other layouts (their fields sit elsewhere: a parser reading the wrong offset shows)
+    for layout in ("v1", "v2", "v3-broken"):
+        tag = {"v1": "v1", "v2": "v2", "v3-broken": "broken"}[layout]
+        files[f"{tag}-sectorsize-1000.cow"] = (full(header(layout, sectorsize=1000)), "header",
+                                               "invalid sector size 1000")
+        files[f"{tag}-sectorsize-0.cow"] = (full(header(layout, sectorsize=0)), "header", "invalid sector size 0")
+        files[f"{tag}-size-0.cow"] = (full(header(layout, size=0)), "header", "size is 0")
+        files[f"{tag}-size-max.cow"] = (bytes(header(layout, size=2**64 - 1)), "header", "too large")
+    files["v1-version-9.cow"] = (full(header("v1", version=9)), "header", "unsupported COW version 9")  # little-endian
+    for name, value, words in (("alignment-0", 0, "alignment is 0"), ("alignment-3000", 3000, "not a power of two")):
+        files[f"broken-{name}.cow"] = (full(header("v3-broken", alignment=value)), "header", words)
+    for cut in (12, 16, 24, 28, 36, 4132, 4135):
+        files[f"truncated-broken-at-{cut}.cow"] = (bytes(header("v3-broken")[:cut]), "header", "truncated")
+    broken = header("v3-broken")
+    broken[36:4132] = b"D" * 4096
+    files["path-without-nul-broken.cow"] = (full(broken), "header", "no NUL")
+    swapped = bytearray(build_header("v1", PATH, MTIME, SIZE, sectorsize=3, byteorder="big"))  # "OOOM": big-endian
+    files["sectorsize-3-v1-big-endian.cow"] = (full(swapped), "header", "invalid sector size 3")
     # valid headers, but the file stops early
-    header = v3()
-    files["short-header-only.cow"] = (bytes(header), "truncated", "shorter than its data offset")
-    files["short-inside-bitmap.cow"] = (bytes(header) + bytes(8192 - 4128 + 4), "truncated",
+    valid = v3()
+    files["short-header-only.cow"] = (bytes(valid), "truncated", "shorter than its data offset")
+    files["short-inside-bitmap.cow"] = (bytes(valid) + bytes(8192 - 4128 + 4), "truncated",
                                         "shorter than its data offset")
-    files["short-before-data.cow"] = (bytes(header) + bytes(12288 - 4128 - 1), "truncated",
+    files["short-before-data.cow"] = (bytes(valid) + bytes(12288 - 4128 - 1), "truncated",
                                       "shorter than its data offset")
     # valid COW files whose backing file is unusable (made at test time by setup_environment)
     for name, target, words in (
@@ -145,17 +177,10 @@ def build() -> dict[str, tuple[bytes, str, str]]:
         ("backing-itself.cow", "backing-itself.cow", "is the COW file itself"),
         ("backing-empty-path.cow", "", "no backing file is recorded"),
     ):
-        files[name] = (full(make_header("v3", target, 1_700_000_000, SIZE).to_bytes() if target else
-                            _empty_path_header(), path=target or "/x"), "backing", words)
+        # an empty v3 path would read as v3-broken (zeros at 32): that one is the broken layout on purpose
+        files[name] = (full(build_header("v3" if target else "v3-broken", target, MTIME, SIZE),
+                            path=target or "/x"), "backing", words)
     return files
-
-
-def _empty_path_header() -> bytes:
-    # v3 with an empty path would be read as v3-broken (zeros at 32); write the broken layout on purpose
-    h = make_header("v3-broken", "x", 1_700_000_000, SIZE)
-    data = bytearray(h.to_bytes())
-    data[36:40] = bytes(4)
-    return bytes(data)
 
 
 def setup_environment(folder: Path) -> None:

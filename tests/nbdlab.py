@@ -27,8 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import REQUIRE_UML
+from conftest import require
 
 import ubdcow
 
@@ -54,13 +53,8 @@ def require_nbd(*names: str) -> None:
         proc = subprocess.run(["nbdkit", "python", "--dump-plugin"], capture_output=True, timeout=60)
         if proc.returncode != 0:
             missing.append("nbdkit's python plugin")
-    if not missing:
-        return
     packages = sorted({PACKAGES.get(n, "nbdkit-plugin-python") for n in missing})
-    message = f"{', '.join(missing)} not installed (apt-get install {' '.join(packages)})"
-    if REQUIRE_UML:
-        pytest.fail(f"UBDCOW_REQUIRE_UML=1 but {message}")
-    pytest.skip(message)
+    require(not missing, f"{', '.join(missing)} not installed (apt-get install {' '.join(packages)})")
 
 
 def ubdcow_cmd(*args: str | os.PathLike[str]) -> list[str]:
@@ -281,11 +275,6 @@ def ext4_overlay(folder: Path, seed: int, files: int, static_files: int,
     cow = folder / name
     ubdcow.create(cow, backing)
     return tree, folders, backing, cow
-
-
-def require_root(why: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"{why} needs root")
 
 
 @contextlib.contextmanager

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-
+import test_oracle_model as spec
 from conftest import run_cli
 
 import ubdcow
@@ -24,12 +26,30 @@ def test_version():
     assert proc.stdout.decode().strip() == f"ubdcow {ubdcow.__version__}"
 
 
+def help_table(text: str) -> dict[str, str]:
+    """The command table of ``ubdcow --help``: name -> its description (wrapped lines joined)."""
+    table: dict[str, str] = {}
+    section = text.split("positional arguments:", 1)[1].split("\n\n", 1)[0]
+    for line in section.splitlines():
+        match = re.match(r"^    (\S+)\s+(\S.*)$", line)
+        if match and match[1] != "COMMAND":
+            table[match[1]] = match[2]
+            last = match[1]
+        elif line.startswith(" " * 6) and table:
+            table[last] += " " + line.strip()
+    return table
+
+
 def test_help_lists_every_command_with_a_description():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    text = proc.stdout.decode()
-    for name in COMMANDS:
-        assert name in text
+    table = help_table(proc.stdout.decode())
+    assert sorted(table) == COMMANDS  # every command, once, each on its own line with a description
+    registered = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0]._choices_actions}  # type: ignore[union-attr]
+    for name, description in table.items():
+        assert description == registered[name], name
+        assert len(description.split()) >= 4, (name, description)
+    assert len(set(table.values())) == len(table), "two commands share a description"
 
 
 def test_every_command_has_help():
@@ -106,17 +126,121 @@ def json_ready(calls):
     return calls
 
 
-def test_every_command_accepts_json_and_prints_valid_json(tmp_path):
+def header_facts(path: Path) -> dict[str, object]:
+    """What ``info --json`` must say of a COW file's header, its bits and its size on disk, from the model
+    (tests/test_oracle_model.py: the spec's offsets and bits, no ubdcow code) and stat."""
+    h = spec.read_header(path)
+    st = path.stat()
+    return {"version": h.version, "layout": h.layout, "backing_file": h.backing_file, "mtime": h.mtime,
+            "size": h.size, "sectorsize": h.sectorsize, "alignment": h.alignment, "bitmap_offset": h.bitmap_offset,
+            "bitmap_len": h.bitmap_len, "data_offset": h.data_offset, "sectors": h.sectors,
+            "cow_sectors": len(spec.bits(path)), "cow_bytes": spec.cow_bytes(path), "mixed_pages": 0,
+            "apparent_size": st.st_size, "allocated_size": st.st_blocks * 512}
+
+
+def differing_pages(a: bytes, b: bytes) -> list[int]:
+    return [i // 4096 for i in range(0, len(a), 4096) if a[i : i + 4096] != b[i : i + 4096]]
+
+
+def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
+    """Each command's ``--json`` output, value by value, against the model, stat and plain byte comparisons."""
     calls = json_invocations(tmp_path)
     assert sorted(calls) == COMMANDS
-    for name, args in json_ready(calls).items():
+    cow, backing, merged, spare = (tmp_path / n for n in ("overlay.cow", "backing.img", "merged.img", "spare.img"))
+    content = spec.disk(cow, backing)
+    size = len(content)
+    assert merged.read_bytes() == content  # the demo's own merge, judged by the model
+    ran = set()
+
+    def run(name: str) -> object:
+        args = calls[name]
         proc = run_cli(*args[:1], "--json", *args[1:])
         assert proc.returncode == 0, (name, proc.stderr)
+        ran.add(name)
         # serve --run: the command owns stdout, the ready line goes to stderr
-        data = json.loads(proc.stderr if name == "serve" else proc.stdout)
-        assert isinstance(data, (dict, list)) and data, name
-        if name == "serve":
-            assert data["cow"] == str(args[1]) and data["writable"] is False and data["uri"].startswith("nbd+unix")
+        return json.loads(proc.stderr if name == "serve" else proc.stdout)
+
+    data = run("info")
+    assert data == {**data, **header_facts(cow), "file": str(cow), "in_use": False}
+    assert data["backing"]["path"] == str(backing) and data["backing"]["mtime_matches"] is True
+    assert data == ubdcow.info(cow) | {"file": str(cow)}
+
+    data = run("create")
+    new = tmp_path / "new.cow"
+    assert data == {**data, **header_facts(new), "file": str(new), "cow_sectors": 0, "cow_bytes": 0}
+    assert spec.disk(new, backing) == backing.read_bytes()
+
+    data = run("map")
+    set_bits, zero = set(spec.bits(cow)), set(spec.hole_sectors(cow))
+    h = spec.read_header(cow)
+    pos = 0
+    for e in data:
+        assert e["start"] == pos and e["length"] > 0, e
+        sectors = set(range(e["start"] // 512, -(-(e["start"] + e["length"]) // 512)))
+        source = {"backing": sectors.isdisjoint(set_bits), "zero": sectors <= zero,
+                  "cow": sectors <= set_bits - zero}
+        assert source[e["source"]], e
+        assert e["offset"] == (e["start"] if e["source"] == "backing" else h.data_offset + e["start"]), e
+        pos += e["length"]
+    assert pos == size and zero, "the demo's discard is a zero extent"
+
+    data = run("check")
+    assert data == {**data, "file": str(cow), "status": "clean", "exit_code": 0, "findings": [], "mixed_pages": 0,
+                    "stats": {"sectors": h.sectors, "written_sectors": len(set_bits), "hole_sectors": len(zero)}}
+
+    data = run("merge")
+    out = tmp_path / "m2.img"
+    assert out.read_bytes() == content
+    assert data == {**data, "output": str(out), "size": size, "cow_bytes": spec.cow_bytes(cow),
+                    "backing_bytes": size - spec.cow_bytes(cow),
+                    "hole_bytes": sum(b - a for a, b in spec.hole_ranges(out))}
+
+    assert run("compare") == {"identical": True, "first_difference": None, "size_a": size, "size_b": size}
+
+    data = run("rebase")
+    assert data == {**data, "file": str(cow), "backing_file": os.path.realpath(spare), "size": size,
+                    "mtime": int(spare.stat().st_mtime), "copied_sectors": 0, "unsafe": False}
+    assert spec.read_header(cow).backing_file == os.path.realpath(spare)
+    assert spec.disk(cow, spare) == content
+
+    data = run("diff")
+    pages = differing_pages(backing.read_bytes(), content)
+    zero_pages = [p for p in pages if not any(content[4096 * p : 4096 * p + 4096])]
+    assert data == {**data, "output": str(tmp_path / "d.cow"), "size": size, "pages": len(pages),
+                    "sectors": 8 * len(pages), "zero_sectors": 8 * len(zero_pages)}
+    assert spec.disk(tmp_path / "d.cow", backing) == content
+
+    data = run("convert")
+    converted = tmp_path / "c.cow"
+    assert data == {**data, "output": str(converted), "layout": "v2", "source_layout": "v3",
+                    "sectors": len(set_bits), "mixed_pages": 0, "filled_pages": 0}
+    assert spec.read_header(converted).layout == "v2" and spec.disk(converted, spare) == content
+
+    if "serve" in json_ready(calls):
+        data = run("serve")
+        assert data["cow"] == str(cow) and data["writable"] is False and data["uri"].startswith("nbd+unix")
+
+    data = run("du")
+    cows = sorted(p for p in tmp_path.iterdir() if p.is_file() and p.read_bytes()[:4] in (b"OOOM", b"MOOO"))
+    files = {f["path"]: (g, f) for g in data["groups"] for f in g["files"]}
+    assert sorted(os.path.realpath(tmp_path / p) for p in files) == [str(p) for p in cows]
+    for path, (group, f) in files.items():
+        st = (tmp_path / path).stat()
+        assert group["backing"] == f["backing_path"] == spec.read_header(tmp_path / path).backing_file
+        assert (f["size"], f["apparent_size"], f["allocated_size"]) == (size, st.st_size, st.st_blocks * 512)
+    for group in data["groups"]:
+        assert group["overlays"] == len(group["files"]) and group["flat_size"] == size * len(group["files"])
+
+    before = cow.stat().st_blocks * 512
+    data = run("compact")
+    assert data == {**data, "file": str(cow), "dry_run": False, "allocated_before": before,
+                    "allocated_after": cow.stat().st_blocks * 512, "mixed_pages": 0}
+    assert data["reclaimed_bytes"] == data["allocated_before"] - data["allocated_after"]
+    assert spec.disk(cow, spare) == content
+
+    data = run("demo")
+    assert data["ok"] is True and data["checks"] and all(c["ok"] for c in data["checks"])
+    assert ran == set(json_ready(calls))
 
 
 def test_quiet_prints_nothing_and_keeps_the_exit_code(tmp_path):

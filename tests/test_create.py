@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
-from conftest import assert_one_line_error, require_tool, run_cli
+from conftest import assert_one_line_error, require, require_root, require_tool, run_cli
 
 import ubdcow
 from ubdcow.format import parse_header
@@ -127,16 +126,16 @@ def test_cow_path_that_is_the_backing_file_is_refused_even_with_force(tmp_path):
 def test_backing_is_only_read(tmp_path):
     data = make_backing(tmp_path / "b.img")
     os.chmod(tmp_path / "b.img", 0o444)
-    immutable = (
-        shutil.which("chattr")
-        and subprocess.run(["chattr", "+i", str(tmp_path / "b.img")], capture_output=True).returncode == 0
-    )
+    chattr = require_tool("chattr", "e2fsprogs")
+    proc = subprocess.run([chattr, "+i", str(tmp_path / "b.img")], capture_output=True, text=True)
+    require(proc.returncode == 0, f"chattr +i does not work here (needs root): {proc.stderr.strip()}")
     try:
+        with pytest.raises(PermissionError):  # the immutable flag is in force: even root cannot open it to write
+            os.open(tmp_path / "b.img", os.O_WRONLY)
         ubdcow.create(tmp_path / "o.cow", tmp_path / "b.img")
         assert ubdcow.info(tmp_path / "o.cow")["backing"]["mtime_matches"]
     finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(tmp_path / "b.img")], check=True)
+        subprocess.run([chattr, "-i", str(tmp_path / "b.img")], check=True)
     assert (tmp_path / "b.img").read_bytes() == data
     assert int(os.stat(tmp_path / "b.img").st_mtime) == 1_650_000_000
 
@@ -166,17 +165,17 @@ def test_unusable_backing_files(tmp_path, problem):
 
 
 def test_block_device_backing_uses_the_device_size(tmp_path):
-    losetup = shutil.which("losetup")
-    if not losetup or os.geteuid() != 0:
-        pytest.skip("needs root and losetup to make a block device")
-    make_backing(tmp_path / "b.img", size=2 * 1024 * 1024)
+    losetup = require_tool("losetup", "util-linux")
+    require_root("making a loop device")
+    data = make_backing(tmp_path / "b.img", size=2 * 1024 * 1024)
     proc = subprocess.run([losetup, "--find", "--show", str(tmp_path / "b.img")], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot attach a loop device here: {proc.stderr.strip()}")
+    require(proc.returncode == 0, f"cannot attach a loop device here: {proc.stderr.strip()}")
     dev = proc.stdout.strip()
     try:
         h = ubdcow.create(tmp_path / "o.cow", dev)
         assert h.size == 2 * 1024 * 1024
         assert h.backing_file == dev
+        with ubdcow.open(tmp_path / "o.cow") as img:  # the device is read as the backing file
+            assert img.read() == data
     finally:
         subprocess.run([losetup, "-d", dev], check=False)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import test_oracle_model as spec
 from conftest import run_cli
 
 ROOT = Path(__file__).parent.parent
@@ -18,9 +19,12 @@ def blocks(path: Path) -> list[str]:
     return BLOCK.findall(path.read_text())
 
 
-def run_blocks(sources: list[str], folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def run_blocks(sources: list[str], folder: Path, monkeypatch: pytest.MonkeyPatch,
+               namespace: dict[str, object] | None = None) -> str:
+    """Run the blocks in order in one namespace (``namespace``, if given, keeps their variables)."""
     monkeypatch.chdir(folder)
-    namespace: dict[str, object] = {"__name__": "__docs__"}
+    namespace = {} if namespace is None else namespace
+    namespace["__name__"] = "__docs__"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         for i, source in enumerate(sources):
@@ -41,7 +45,26 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     assert run_cli("demo", "--keep", tmp_path).returncode == 0  # leaves overlay.cow and its backing
     sources = blocks(ROOT / "README.md")
     assert sources
-    run_blocks(sources, tmp_path, monkeypatch)
+    namespace: dict[str, object] = {}
+    printed = run_blocks(sources, tmp_path, monkeypatch, namespace).splitlines()
+    # judged by the model (tests/test_oracle_model.py: the spec's offsets and bits, no ubdcow code)
+    cow = tmp_path / "overlay.cow"
+    header = spec.read_header(cow)
+    backing = Path(header.backing_file)
+    cow_bytes = spec.cow_bytes(cow)
+    expected = spec.disk(cow, backing)
+    assert 0 < cow_bytes < header.size
+    assert printed[0] == f"{cow_bytes} True"  # facts["cow_bytes"], facts["backing"]["mtime_matches"]
+    merged_cow, merged_backing, holes = map(int, printed[1].split())
+    assert (merged_cow, merged_backing) == (cow_bytes, header.size - cow_bytes)
+    flat = tmp_path / "flat.img"
+    assert flat.read_bytes() == expected
+    assert holes == sum(b - a for a, b in spec.hole_ranges(flat))
+    assert len(printed) == 2
+    assert namespace["mbr"] == expected[:512]
+    set_bits = spec.bits(cow)
+    assert namespace["written"] == [(512 * first, min(512 * count, header.size - 512 * first), "cow")
+                                    for first, count in spec.runs(set_bits)]
 
 
 def test_readme_quick_start_commands_exist():

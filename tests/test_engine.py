@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import random
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import require, require_tool
 
 import ubdcow
 from ubdcow._io import punch_hole
@@ -759,7 +759,9 @@ def test_mismatch_error_leaves_no_lock_behind(unpack) -> None:
         ubdcow.open(case.cow, "r+", backing=case.backing)
     os.utime(case.backing, (case.meta["mtime"], case.meta["mtime"]))
     with ubdcow.open(case.cow, "r+", backing=case.backing) as img:
-        assert img.writable()
+        img.pwrite(b"after", 4096)
+    with ubdcow.open(case.cow, backing=case.backing) as img:
+        assert img.pread(5, 4096) == b"after"
 
 
 # -- locking across processes ------------------------------------------------------
@@ -891,7 +893,9 @@ def test_lock_released_when_holder_exits(tmp_path, holder) -> None:
         ubdcow.open(cow, "r+")
     h.release()
     with ubdcow.open(cow, "r+") as img:
-        assert img.writable()
+        img.pwrite(b"after", 4096)
+    with ubdcow.open(cow) as img:
+        assert img.pread(5, 4096) == b"after"
 
 
 def test_writer_takes_read_lock_on_backing(tmp_path) -> None:
@@ -976,14 +980,11 @@ def test_write_session_with_read_only_backing(tmp_path) -> None:
 
 def test_write_session_with_immutable_backing(tmp_path) -> None:
     """Even root cannot open an immutable file for writing: this proves O_RDONLY."""
-    chattr = shutil.which("chattr")
-    if chattr is None:
-        pytest.skip("chattr is not installed")
+    chattr = require_tool("chattr", "e2fsprogs")
     size = 300_001
     cow, backing, content = make_disk(tmp_path, size)
     proc = subprocess.run([chattr, "+i", str(backing)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"chattr +i does not work here: {proc.stderr.strip()}")
+    require(proc.returncode == 0, f"chattr +i does not work here (needs root): {proc.stderr.strip()}")
     try:
         with pytest.raises(PermissionError):  # the immutable flag is really in force
             os.open(backing, os.O_WRONLY)

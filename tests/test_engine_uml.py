@@ -16,7 +16,6 @@ import os
 import random
 import select
 import shlex
-import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from uml import Guest, guest, run_guest, ubd_arg
+from uml import FAIL, Guest, checked, guest, need_guest_tools, run_guest, ubd_arg
 
 import ubdcow
 
@@ -37,7 +36,6 @@ def _kernel() -> str:
     return require_tool("linux.uml")
 
 SECTOR = 512
-FAIL = "UBDCOW-FAIL"
 GiB = 1 << 30
 
 
@@ -48,27 +46,12 @@ def q(path: str | os.PathLike[str]) -> str:
     return shlex.quote(os.path.abspath(path))
 
 
-def checked(cmd: str) -> str:
-    """A guest script line that prints a marker the test looks for when ``cmd`` fails."""
-    return f"{cmd} || echo {FAIL}: {shlex.quote(cmd)}\n"
-
-
 def run_checked(script: str, *ubd: str, workdir: Path) -> Guest:
     """Run a guest to the end of ``script`` and assert no checked command failed."""
     result = guest(script, *ubd, workdir=workdir)
     failures = [line for line in result.console.splitlines() if FAIL in line]
     assert not failures, "guest commands failed:\n" + "\n".join(failures) + "\nconsole tail:\n" + result.console[-3000:]
     return result
-
-
-def need_guest_tools(*names: str) -> str:
-    """Guest script lines asserting the host binaries the guest runs (via hostfs) exist."""
-    lines = []
-    for name in names:
-        if shutil.which(name) is None and not os.access(f"/usr/sbin/{name}", os.X_OK):
-            pytest.skip(f"{name} is not installed on the host (the guest runs the host's binaries)")
-        lines.append(checked(f"command -v {name} >/dev/null"))
-    return "".join(lines)
 
 
 def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> str:

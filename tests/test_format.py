@@ -6,6 +6,7 @@ import gzip
 import struct
 
 import pytest
+import test_oracle_model as spec
 from bad_corpus import v3
 from conftest import DATA, GEOMETRY_KEYS, MANIFEST, assert_one_line_error, run_cli
 from hypothesis import given, settings
@@ -110,24 +111,44 @@ pow2 = st.sampled_from([512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
     alignment=st.sampled_from([1, 8, 512, 4096, 65536, 1 << 20]),
 )
 def test_build_then_parse_round_trips(layout, byteorder, path, mtime, size, sectorsize, alignment):
-    if layout in ("v3", "v3-broken") and path[:4] == b"":
-        return
     h = make_header(layout, path, mtime, size, sectorsize=sectorsize, alignment=alignment, byteorder=byteorder)
     data = h.to_bytes()
     assert len(data) == header_size(layout)
-    parsed = parse_header(data)
-    if layout == "v3" and data[32:36] == b"\0\0\0\0":  # impossible: the path is non-empty and has no NUL
-        pytest.fail("v3 header built with zeros where the path starts")
-    assert parsed == h
+    # the builder writes what the spec's offsets give (the model packs each field itself)
+    assert data == spec.build_header(layout, path, mtime, size, sectorsize=sectorsize, alignment=alignment,
+                                     byteorder=byteorder)
+    if layout == "v3":  # the path is non-empty: never the four zeros that mark the broken layout
+        assert data[32:36] != bytes(4)
+    assert parse_header(data) == h
+
+
+def assert_agrees_with_the_model(data: bytes) -> None:
+    """parse_header and the spec model (tests/test_oracle_model.py) accept the same headers, with the same
+    fields and geometry; ubdcow may also refuse a disk whose data area would end past 2^63 bytes."""
+    try:
+        model = spec.parse(data)
+    except spec.SpecError:
+        model = None
+    try:
+        ours = parse_header(data)
+    except UbdCowError as exc:
+        if model is not None:
+            sectors = -(-model.size // model.sectorsize)
+            assert "too large" in str(exc) and model.data_offset + 512 * sectors > 2**63 - 1, (exc, model)
+        return
+    assert model is not None, f"ubdcow accepted a header the spec rejects: {ours}"
+    assert (ours.layout, ours.byteorder, ours.version, ours.backing_file_raw, ours.mtime, ours.size) == (
+        model.layout, model.byteorder, model.version, model.backing, model.mtime, model.size)
+    assert (ours.sectorsize, ours.alignment, ours.cow_format, ours.header_size) == (
+        model.sectorsize, model.alignment, model.cow_format, model.header_size)
+    assert (ours.bitmap_offset, ours.bitmap_len, ours.data_offset) == (
+        model.bitmap_offset, model.bitmap_len, model.data_offset)
 
 
 @settings(max_examples=500)
 @given(st.binary(max_size=MAX_HEADER_SIZE + 16))
-def test_arbitrary_bytes_raise_only_library_errors(data):
-    try:
-        parse_header(data)
-    except UbdCowError:
-        pass
+def test_arbitrary_bytes_parse_as_the_model_does(data):
+    assert_agrees_with_the_model(data)
 
 
 @settings(max_examples=500)
@@ -136,13 +157,36 @@ def test_arbitrary_bytes_raise_only_library_errors(data):
     version=st.integers(0, 5),
     rest=st.binary(max_size=MAX_HEADER_SIZE),
 )
-def test_magic_plus_arbitrary_bytes_raise_only_library_errors(magic, version, rest):
+def test_magic_plus_arbitrary_bytes_parse_as_the_model_does(magic, version, rest):
     order = "big" if magic == b"OOOM" else "little"
-    try:
-        h = parse_header(magic + version.to_bytes(4, order) + rest)
-    except UbdCowError:
-        return
-    assert h.size > 0 and h.data_offset >= h.bitmap_offset + h.bitmap_len
+    assert_agrees_with_the_model(magic + version.to_bytes(4, order) + rest)
+
+
+@st.composite
+def assembled_headers(draw: st.DrawFn) -> bytes:
+    """Headers hand-assembled at the spec's offsets, with valid and invalid field values, garbage after the
+    path's NUL, sometimes a byte flipped or the end cut off."""
+    layout = draw(st.sampled_from(LAYOUTS))
+    field = st.one_of(st.sampled_from([0, 1, 3, 256, 511, 512, 1000, 4096, 65536, 131072, 2**31, 2**32 - 1]),
+                      st.integers(0, 2**32 - 1))
+    size = st.one_of(st.integers(0, 2**40), st.sampled_from([0, 1, 511, 512, 1_000_000, 2**63 - 512, 2**64 - 1]))
+    data = bytearray(spec.build_header(
+        layout, draw(st.binary(max_size=40).map(lambda b: b.replace(b"\0", b"x"))), draw(st.integers(0, 2**32 - 1)),
+        draw(size), sectorsize=draw(st.one_of(pow2, pow2, field.map(lambda n: n % 2**31))),
+        alignment=draw(st.one_of(st.sampled_from([1, 8, 512, 4096, 65536]), field)),
+        byteorder=draw(st.sampled_from(["little", "big"])), cow_format=draw(st.sampled_from([0, 0, 0, 1])),
+        tail=draw(st.binary(max_size=64))))
+    if draw(st.booleans()):
+        data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+    if draw(st.integers(0, 4)) == 0:
+        data = data[: draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+@settings(max_examples=1000)
+@given(assembled_headers())
+def test_hand_assembled_headers_parse_as_the_model_does(data):
+    assert_agrees_with_the_model(data)
 
 
 # -- validation: one hand-made bad header per rule (v3() patches a valid header) ---------
@@ -231,4 +275,9 @@ def test_a_valid_non_512_sector_size_parses_but_refuses_io(tmp_path):
 def test_path_longer_than_the_field_cannot_be_built():
     with pytest.raises(ValueError):
         make_header("v1", "/" + "x" * 300, 0, 1 << 20)
-    make_header("v2", "/" + "x" * 300, 0, 1 << 20)
+    with pytest.raises(ValueError):
+        make_header("v2", "/" + "x" * 4096, 0, 1 << 20)
+    for width in (300, 4095):  # a v2 field holds up to 4095 bytes and the NUL
+        h = make_header("v2", "/" + "x" * (width - 1), 0, 1 << 20)
+        assert spec.parse(h.to_bytes()).backing == b"/" + b"x" * (width - 1)
+        assert parse_header(h.to_bytes()) == h

@@ -1,13 +1,18 @@
 """Fuzzing: mutated real COW files never make the library raise anything but UbdCowError.
 
 The hypothesis test flips bytes in the header and bitmap of real conformance
-files and truncates them; the atheris harnesses in tests/fuzz/ run for a
-bounded number of iterations (skipped where atheris cannot be installed).
+files and truncates them. The atheris harnesses in tests/fuzz/ run for a
+bounded number of iterations; atheris is required in CI (``make test`` fails to
+install without it under UBDCOW_REQUIRE_UML=1, and the test fails), and skipped
+elsewhere when it cannot be installed. Their fuzz targets (``test_one_input``)
+also run here through hypothesis, on mutated seed files, with or without
+atheris: the targets are always exercised.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import DATA, MANIFEST
+from conftest import DATA, MANIFEST, require
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,12 +103,64 @@ def seeds(folder: Path) -> None:
             (folder / f"{layout}-{size}.cow").write_bytes(bytes(data))
 
 
+def seed_files() -> list[bytes]:
+    with tempfile.TemporaryDirectory() as folder:
+        seeds(Path(folder))
+        return [p.read_bytes() for p in sorted(Path(folder).iterdir())]
+
+
+SEEDS = seed_files()
+
+
+@st.composite
+def harness_inputs(draw: st.DrawFn) -> bytes:
+    """What a fuzzer feeds a harness: a seed file with bytes flipped, inserted or cut, or arbitrary bytes."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=20000))
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(0, 6))):
+        where = draw(st.one_of(st.integers(0, 48), st.integers(0, len(data) - 1), st.integers(264, 290),
+                               st.integers(4100, 4140)))
+        where = min(where, len(data) - 1)
+        data[where] ^= draw(st.integers(1, 255))
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+def load_harness(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), FUZZ / name)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("harness,examples", [("fuzz_header.py", 400), ("fuzz_open_read.py", 300)])
+def test_harness_targets_through_hypothesis(harness, examples):
+    """The atheris targets themselves, fed mutated seed files by hypothesis (atheris or not)."""
+    module = load_harness(harness)
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+              database=None)
+    @given(harness_inputs())
+    def run(data: bytes) -> None:
+        module.test_one_input(data)
+
+    try:
+        run()
+    finally:
+        if hasattr(module, "FOLDER"):
+            shutil.rmtree(module.FOLDER, ignore_errors=True)
+
+
 @pytest.mark.parametrize("harness,runs", [("fuzz_header.py", 50_000), ("fuzz_open_read.py", 3_000)])
 def test_atheris_harness(tmp_path, harness, runs):
     try:
-        import atheris  # noqa: F401
+        import atheris
     except ImportError:
-        pytest.skip("atheris is not installed here (pip install atheris; it needs a prebuilt wheel or clang)")
+        atheris = None
+    require(atheris, "atheris is not installed here (pip install atheris; it needs a prebuilt wheel or clang)")
     corpus = tmp_path / "corpus"
     seeds(corpus)
     work = tmp_path / "work"

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MANIFEST, assert_one_line_error, require_tool, run_cli
+from conftest import MANIFEST, assert_one_line_error, require, require_tool, run_cli
+from test_oracle_model import Model, cow_bytes
+from test_oracle_model import disk as spec_disk
 
 import ubdcow
 from ubdcow._io import punch_hole
@@ -73,9 +75,12 @@ def test_default_output_name_and_api_result(unpack):
     assert proc.returncode == 0, proc.stderr
     assert (c.dir / "overlay.img").read_bytes() == c.expected_bytes
     assert b"merged overlay.cow -> overlay.img" in proc.stdout
+    started = time.monotonic()
     r = merge(c.cow, c.dir / "api.img", backing=c.backing)
+    elapsed = time.monotonic() - started
     assert (r.size, r.cow_bytes, r.backing_bytes) == (c.meta["size"], 148 * 512, c.meta["size"] - 148 * 512)
-    assert r.seconds >= 0 and r.output == str(c.dir / "api.img")
+    assert 0 < r.seconds <= elapsed, (r.seconds, elapsed)  # the merge's own duration, inside the call's
+    assert r.output == str(c.dir / "api.img") and (c.dir / "api.img").read_bytes() == c.expected_bytes
 
 
 def test_stdout_stream(unpack):
@@ -171,9 +176,8 @@ def test_read_only_immutable_backing_is_untouched(unpack):
     c = unpack("v3-mkcow-written")
     data, mtime = c.backing.read_bytes(), c.backing.stat().st_mtime_ns
     os.chmod(c.backing, 0o444)
-    chattr = subprocess.run(["chattr", "+i", str(c.backing)], capture_output=True)
-    if chattr.returncode != 0:
-        pytest.skip(f"chattr +i unsupported here: {chattr.stderr.decode().strip()}")
+    chattr = subprocess.run([require_tool("chattr", "e2fsprogs"), "+i", str(c.backing)], capture_output=True)
+    require(chattr.returncode == 0, f"chattr +i does not work here (needs root): {chattr.stderr.decode().strip()}")
     try:
         with pytest.raises(PermissionError):
             open(c.backing, "r+b")  # even root cannot write it now
@@ -186,19 +190,28 @@ def test_read_only_immutable_backing_is_untouched(unpack):
 
 # -- sparseness ----------------------------------------------------------------------
 def build_sparse(tmp_path: Path) -> tuple[Path, Path, bytes]:
-    """A 64 MiB backing: data in the first 4 MiB (with a 1 MiB run of real zeros), the rest a hole."""
+    """A 64 MiB backing: data in the first 4 MiB (with a 1 MiB run of real zeros), the rest a hole.
+
+    The expected disk is the model's (tests/test_oracle_model.py): the backing bytes with the writes
+    replayed, and the spec's reading of the COW file must agree with it; ubdcow's reader plays no part.
+    """
     backing = tmp_path / "b.img"
+    head = os.urandom(1 << 20) + bytes(1 << 20) + os.urandom(2 << 20)
     with open(backing, "wb") as f:
-        f.write(os.urandom(1 << 20) + bytes(1 << 20) + os.urandom(2 << 20))
+        f.write(head)
         f.truncate(64 << 20)
+    model = Model(head + bytes((64 << 20) - len(head)))
     cow = tmp_path / "o.cow"
     ubdcow.create(cow, backing)
     with ubdcow.open(cow, "r+") as img:
         img.pwrite(b"\xab" * 8192, 40 << 20)  # data in the backing's hole
+        model.write(40 << 20, b"\xab" * 8192)
         img.pwrite(bytes(1 << 20), 3 << 20)  # zeros over backing data
+        model.zero(3 << 20, 1 << 20)
         img.write_zeroes(10 << 20, 1 << 20)  # set bits over a punched hole
-    with ubdcow.open(cow) as img:
-        expected = img.read()
+        model.zero(10 << 20, 1 << 20)
+    expected = bytes(model)
+    assert spec_disk(cow, backing) == expected, "the COW file does not hold the writes (read by the spec)"
     return cow, backing, expected
 
 
@@ -207,6 +220,7 @@ def test_sparse_output_keeps_holes_and_makes_zero_ranges_holes(tmp_path):
     r = merge(cow, tmp_path / "out.img")
     out = tmp_path / "out.img"
     assert out.read_bytes() == expected
+    assert (r.size, r.cow_bytes, r.backing_bytes) == (64 << 20, cow_bytes(cow), (64 << 20) - cow_bytes(cow))
     allocated = out.stat().st_blocks * 512
     # 1 MiB + 1 MiB of backing data and 8 KiB of COW data; the zero MiBs are holes
     assert allocated <= (2 << 20) + 8192 + 64 * 1024

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 import ubdcow
 
@@ -24,9 +25,10 @@ def test_the_version_lives_in_one_place():
 @pytest.mark.slow
 def test_wheel_and_sdist_install_into_a_clean_venv_and_run_the_demo(tmp_path):
     try:
-        import build  # noqa: F401
-    except ImportError:
-        pytest.skip("the 'build' package is not installed (pip install build)")
+        import build
+    except ImportError:  # in the [test] extra: ``make test`` installs it
+        build = None
+    require(build, "the 'build' package is not installed (pip install build)")
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], check=True,
                    capture_output=True, timeout=600)

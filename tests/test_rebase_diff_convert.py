@@ -1,9 +1,10 @@
 """rebase, diff and convert: against real files, independent models and the real UML kernel.
 
-Truth here is never ubdcow's own reader alone: bits are read straight from
-the file's bitmap bytes, differing sectors are computed by comparing plain
-byte strings, conformance cases are checked against the bytes a real guest
-read (expected.img), and the ``uml`` tests boot Debian's linux.uml and dump
+Truth here is never ubdcow's own reader: headers, bits and content are read
+by the model (tests/test_oracle_model.py, written from the spec without
+ubdcow code), differing sectors are computed by comparing plain byte strings,
+conformance cases are checked against the bytes a real guest read
+(expected.img), and the ``uml`` tests boot Debian's linux.uml and dump
 /dev/ubdb with 4 KiB O_DIRECT reads (larger or buffered reads return wrong
 data with this kernel).
 """
@@ -14,17 +15,17 @@ import hashlib
 import json
 import os
 import random
-import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
+import test_oracle_model as spec
 from conftest import Case, assert_one_line_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from uml import FAIL, checked, dump_devices, guest, ubd_arg
 
 import ubdcow
 from ubdcow._io import punch_hole
@@ -36,7 +37,6 @@ from ubdcow.merge import merge
 SECTOR = 512
 PAGE = 4096
 WINDOW = 4 << 20  # the window size rebase and diff work in: runs crossing it are interesting
-FAIL = "UBDCOW-FAIL"
 OTHER_MTIME = 1_577_836_800  # 2020-01-01: differs from every header mtime used here
 CONVERT_CASES = ["v1-native", "v1-rounding-tail", "v2-bigendian", "v3-broken-64bit"]
 
@@ -63,15 +63,9 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def honoured_bits(path: Path) -> set[int]:
-    """Sectors whose bit is set, read from the file's bitmap bytes (bits the kernel ignores excluded)."""
-    h = ubdcow.read_header(path)
-    with open(path, "rb") as f:
-        f.seek(h.bitmap_offset)
-        raw = f.read(h.bitmap_len)
-    assert len(raw) == h.bitmap_len
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-    nbits = min(-(-h.size // SECTOR), 8 * h.bitmap_len)
-    return set(np.flatnonzero(bits[:nbits]).tolist())
+    """Sectors whose bit is set, read by the model from the file's bitmap bytes (bits the kernel ignores
+    excluded)."""
+    return set(spec.bits(path))
 
 
 def pages_of(sectors: set[int], nsect: int) -> set[int]:
@@ -81,11 +75,7 @@ def pages_of(sectors: set[int], nsect: int) -> set[int]:
 
 def mixed_pages(path: Path) -> list[int]:
     """Pages whose honoured bits are neither all set nor all clear, from the file's bitmap bytes."""
-    h = ubdcow.read_header(path)
-    bits = honoured_bits(path)
-    nsect = min(h.sectors, 8 * h.bitmap_len)
-    pages = range(-(-nsect // 8))
-    return [p for p in pages if 0 < len(bits & set(range(8 * p, 8 * p + 8))) < min(8, nsect - 8 * p)]
+    return spec.mixed_pages(path)
 
 
 def sectors_of(extents: list[list[int]]) -> set[int]:
@@ -110,10 +100,13 @@ def assert_same(actual: bytes | bytearray, expected: bytes | bytearray, what: st
 
 
 def virtual_disk(cow: Path, backing: Path | None = None) -> bytes:
+    """The virtual disk as the model reads the file (tests/test_oracle_model.py: the spec's offsets and bits,
+    no ubdcow code), once ubdcow's reader is checked to agree; ``backing`` defaults to the recorded path."""
+    expected = spec.disk(cow, backing or Path(spec.read_header(cow).backing_file))
     with ubdcow.open(cow, backing=backing) as disk:
-        data = disk.pread(disk.size, 0)
-    assert len(data) == disk.size
-    return data
+        ours = disk.pread(disk.size, 0)
+    assert_same(ours, expected, f"ubdcow's reader vs the model on {cow.name}")
+    return expected
 
 
 def data_blocks(path: Path, start: int, end: int) -> set[int]:
@@ -153,46 +146,13 @@ def check_exit(cow: Path, *extra: object) -> tuple[int, str]:
 # -- the real guest -------------------------------------------------------------------
 
 
-def q(path: str | os.PathLike[str]) -> str:
-    return shlex.quote(os.path.abspath(path))
-
-
-def checked(cmd: str) -> str:
-    return f"{cmd} || echo {FAIL}: {shlex.quote(cmd)}\n"
-
-
 def guest_dump(cow: Path, workdir: Path) -> bytes:
     """Boot a guest with ``cow`` as /dev/ubdb and return the whole device as it read it (4 KiB O_DIRECT)."""
-    from uml import guest, ubd_arg
-
-    dump = workdir / "guest-dump.img"
-    if dump.exists():
-        dump.unlink()
-    result = guest(checked(f"dd if=/dev/ubdb of={q(dump)} bs=4096 iflag=direct status=none"),
-                   ubd_arg(cow), workdir=workdir)
-    failures = [line for line in result.console.splitlines() if line.startswith(FAIL)]
-    assert not failures, "the guest could not read /dev/ubdb:\n" + result.console[-3000:]
-    return dump.read_bytes()
-
-
-def guest_dump_all(cows: list[Path], workdir: Path) -> list[bytes]:
-    """One guest with the COW files as /dev/ubdb, /dev/ubdc, ...; each device as it read it (4 KiB O_DIRECT)."""
-    from uml import guest, ubd_arg
-
-    devices = [f"ubd{chr(ord('b') + i)}" for i in range(len(cows))]
-    dumps = [workdir / f"guest-dump-{dev}.img" for dev in devices]
-    script = "".join(checked(f"dd if=/dev/{dev} of={q(dump)} bs=4096 iflag=direct status=none")
-                     for dev, dump in zip(devices, dumps, strict=True))
-    result = guest(script, *(ubd_arg(cow, device=dev) for cow, dev in zip(cows, devices, strict=True)), workdir=workdir)
-    failures = [line for line in result.console.splitlines() if line.startswith(FAIL)]
-    assert not failures, "the guest could not read a device:\n" + result.console[-3000:]
-    return [dump.read_bytes() for dump in dumps]
+    return dump_devices([cow], workdir)[0]
 
 
 def assert_guest_refuses(cow: Path, workdir: Path, header_mtime: int, actual_mtime: int) -> None:
     """The kernel refuses the device with its mtime complaint, and a read from /dev/ubdb fails."""
-    from uml import guest, ubd_arg
-
     before = stamp(cow)
     result = guest(checked("dd if=/dev/ubdb of=/dev/null bs=4096 count=1 iflag=direct status=none"),
                    ubd_arg(cow), workdir=workdir)
@@ -234,7 +194,7 @@ def make_cow_with_writes(tmp_path: Path, size: int, rng: random.Random) -> tuple
 def test_unsafe_rebase_repairs_mtime_mismatch_of_v3_file_for_a_real_guest(tmp_path):
     size = 1 << 20
     cow, backing, model = make_cow_with_writes(tmp_path, size, random.Random(0x5AFE))
-    header = ubdcow.read_header(cow)
+    header = spec.read_header(cow)
     assert header.mtime == int(backing.stat().st_mtime) != OTHER_MTIME
     os.utime(backing, (OTHER_MTIME, OTHER_MTIME))  # touched: the content is unchanged
     raw_before = cow.read_bytes()
@@ -250,7 +210,7 @@ def test_unsafe_rebase_repairs_mtime_mismatch_of_v3_file_for_a_real_guest(tmp_pa
 
     out = cli_ok("rebase", "--unsafe", cow, "--backing", backing)
     assert "rebased" in out
-    after = ubdcow.read_header(cow)
+    after = spec.read_header(cow)
     assert (after.layout, after.backing_file, after.mtime, after.size) == (
         "v3", os.path.realpath(backing), OTHER_MTIME, size)
     raw_after = cow.read_bytes()
@@ -271,7 +231,7 @@ def test_unsafe_rebase_repairs_mtime_mismatch_of_v3_file_for_a_real_guest(tmp_pa
 def test_unsafe_rebase_of_v1_v2_file_keeps_its_layout_and_bitmap(unpack, name):
     c: Case = unpack(name)
     original = c.cow.read_bytes()
-    h0 = ubdcow.read_header(c.cow)
+    h0 = spec.read_header(c.cow)
     assert h0.layout == c.meta["layout"]
     bitmap = slice(h0.bitmap_offset, h0.bitmap_offset + h0.bitmap_len)
 
@@ -280,7 +240,7 @@ def test_unsafe_rebase_of_v1_v2_file_keeps_its_layout_and_bitmap(unpack, name):
         assert len(raw) == len(original)
         assert raw[bitmap] == original[bitmap], "the bitmap changed"
         assert raw[h0.header_size :] == original[h0.header_size :], "bytes past the header changed"
-        h = ubdcow.read_header(c.cow)
+        h = spec.read_header(c.cow)
         assert (h.layout, h.byteorder, h.version, h.size, h.sectorsize, h.bitmap_offset, h.data_offset) == (
             h0.layout, h0.byteorder, h0.version, h0.size, h0.sectorsize, h0.bitmap_offset, h0.data_offset)
 
@@ -289,7 +249,7 @@ def test_unsafe_rebase_of_v1_v2_file_keeps_its_layout_and_bitmap(unpack, name):
     assert code == 3 and "not found" in text, text
     cli_ok("rebase", "--unsafe", c.cow, "--backing", c.backing)
     assert_only_header_changed()
-    h1 = ubdcow.read_header(c.cow)
+    h1 = spec.read_header(c.cow)
     assert (h1.backing_file, h1.mtime) == (os.path.realpath(c.backing), c.meta["mtime"])
     assert check(c.cow).exit_code == 0
 
@@ -302,7 +262,7 @@ def test_unsafe_rebase_of_v1_v2_file_keeps_its_layout_and_bitmap(unpack, name):
 
     cli_ok("rebase", "--unsafe", c.cow, "--backing", c.backing)
     assert_only_header_changed()
-    assert ubdcow.read_header(c.cow).mtime == OTHER_MTIME
+    assert spec.read_header(c.cow).mtime == OTHER_MTIME
     code, text = check_exit(c.cow)
     assert code == 0, text
     assert_same(virtual_disk(c.cow), c.expected_bytes, "ubdcow after the rebase")
@@ -345,9 +305,10 @@ def test_unsafe_rebase_refuses_a_path_too_long_for_a_v1_header(unpack, tmp_path)
 )
 def test_safe_rebase_onto_modified_copy_keeps_the_content(tmp_path, seed, size):
     rng = random.Random(seed)
-    cow, old, _ = make_cow_with_writes(tmp_path, size, rng)
+    cow, old, model = make_cow_with_writes(tmp_path, size, rng)
     set_before = honoured_bits(cow)
     content_before = virtual_disk(cow)
+    assert_same(content_before, model, "the virtual disk before the rebase vs the writes replayed")
     old_bytes = old.read_bytes()
     nsect = -(-size // SECTOR)
 
@@ -373,7 +334,7 @@ def test_safe_rebase_onto_modified_copy_keeps_the_content(tmp_path, seed, size):
     out = json.loads(cli_ok("rebase", cow, "--backing", new, "--json"))
     assert out["unsafe"] is False
     assert out["copied_sectors"] == len(differ - set_before)
-    h = ubdcow.read_header(cow)
+    h = spec.read_header(cow)
     assert (h.layout, h.backing_file, h.mtime, h.size) == ("v3", os.path.realpath(new), OTHER_MTIME, size)
     assert out["backing_file"] == h.backing_file and out["mtime"] == OTHER_MTIME
     assert not mixed_pages(cow)
@@ -388,14 +349,14 @@ def test_safe_rebase_onto_modified_copy_keeps_the_content(tmp_path, seed, size):
 def test_safe_rebase_of_identical_copy_copies_nothing(tmp_path):
     cow, old, model = make_cow_with_writes(tmp_path, 128 * 1024, random.Random(7))
     bits = honoured_bits(cow)
-    data_before = cow.read_bytes()[ubdcow.read_header(cow).data_offset :]
+    data_before = cow.read_bytes()[spec.read_header(cow).data_offset :]
     new = tmp_path / "copy.img"
     shutil.copyfile(old, new)
     out = json.loads(cli_ok("rebase", cow, "--backing", new, "--json"))
     assert out["copied_sectors"] == 0
     assert honoured_bits(cow) == bits
-    assert cow.read_bytes()[ubdcow.read_header(cow).data_offset :] == data_before
-    assert ubdcow.read_header(cow).backing_file == os.path.realpath(new)
+    assert cow.read_bytes()[spec.read_header(cow).data_offset :] == data_before
+    assert spec.read_header(cow).backing_file == os.path.realpath(new)
     assert_same(virtual_disk(cow), model, "content")
 
 
@@ -422,12 +383,12 @@ def test_safe_rebase_of_v1_file_with_the_rounding_bug(unpack):
         changed[s * SECTOR : s * SECTOR + 3] = b"new"
     good.write_bytes(changed)
     original = c.cow.read_bytes()
-    h0 = ubdcow.read_header(c.cow)
+    h0 = spec.read_header(c.cow)
     out = json.loads(cli_ok("rebase", c.cow, "--backing", good, "--old-backing", c.backing, "--json"))
     assert out["copied_sectors"] == 11  # 1949 is already in the COW file
     # the mixed page 243 (1948-1951 written by the kernel) was made whole from the old backing file
     assert (out["filled_pages"], mixed_pages(c.cow)) == (1, [])
-    h = ubdcow.read_header(c.cow)
+    h = spec.read_header(c.cow)
     assert (h.layout, h.byteorder, h.data_offset) == ("v1", h0.byteorder, h0.data_offset)
     assert h.backing_file == os.path.realpath(good)
     assert honoured_bits(c.cow) == honoured | set(range(8, 24)) | set(range(1944, 1952))
@@ -456,7 +417,7 @@ def test_safe_rebase_with_old_backing_missing(tmp_path):
     assert snapshot(tmp_path) == before
     # with the old backing named, it works (and keeps the content)
     cli_ok("rebase", cow, "--backing", new, "--old-backing", moved)
-    assert ubdcow.read_header(cow).backing_file == os.path.realpath(new)
+    assert spec.read_header(cow).backing_file == os.path.realpath(new)
     assert_same(virtual_disk(cow), model, "content")
 
 
@@ -517,12 +478,13 @@ def verify_diff(base: Path, modified: bytes, cow: Path, result: object | None = 
     bits = {s for p in pages for s in range(8 * p, min(8 * p + 8, nsect))}
     zero = {s for p in zero_pages for s in range(8 * p, min(8 * p + 8, nsect))}
     assert differing_sectors(base_bytes, modified) <= bits
-    h = ubdcow.read_header(cow)
+    h = spec.read_header(cow)
     assert (h.layout, h.backing_file, h.mtime, h.size, h.sectorsize) == (
         "v3", os.path.realpath(base), int(base.stat().st_mtime), size, SECTOR)
     assert honoured_bits(cow) == bits
     assert not mixed_pages(cow)
-    assert ubdcow.info(cow)["cow_sectors"] == len(bits)
+    facts = ubdcow.info(cow)
+    assert (facts["cow_sectors"], facts["cow_bytes"]) == (len(bits), spec.cow_bytes(cow))
     if result is not None:
         got = (result.sectors, result.zero_sectors, result.pages)  # type: ignore[attr-defined]
         assert got == (len(bits), len(zero), len(pages))
@@ -700,12 +662,13 @@ def convert_cli(c: Case, out: Path, *extra: str) -> dict:
 
 
 def assert_converted(c: Case, out: Path, layout: str) -> None:
-    h = ubdcow.read_header(out)
+    h = spec.read_header(out)
     m = c.meta
     assert (h.layout, h.backing_file, h.mtime, h.size, h.sectorsize) == (
         layout, m["backing_file_in_header"], m["mtime"], m["size"], m["sectorsize"])
     assert honoured_bits(out) == sectors_of(m["effective_extents"])
     assert plain_map(out) == plain_map(c.cow)
+    assert ubdcow.info(out, backing=c.backing)["cow_bytes"] == spec.cow_bytes(out)
     assert_same(virtual_disk(out, c.backing), c.expected_bytes, f"{out.name}'s virtual disk")
     report = check(out, backing=c.backing)
     assert report.exit_code == 0, report.as_dict()
@@ -720,7 +683,7 @@ def test_convert_to_v3(unpack, name):
     assert (result["layout"], result["source_layout"]) == ("v3", c.meta["layout"])
     assert result["sectors"] == len(sectors_of(c.meta["effective_extents"]))
     assert_converted(c, out, "v3")
-    h = ubdcow.read_header(out)
+    h = spec.read_header(out)
     assert (h.alignment, h.bitmap_offset) == (4096, 8192)  # what uml_mkcow and the kernel write
     assert stamp(c.cow) == source, "the source changed"
     assert leftovers(c.dir) == []
@@ -735,9 +698,9 @@ def test_a_real_guest_reads_the_converted_files(unpack):
         out = c.dir / "converted.cow"
         cli_ok("convert", c.cow, "-o", out)
         cli_ok("rebase", "--unsafe", out, "--backing", c.backing)  # record the unpacked backing's path
-        assert ubdcow.read_header(out).layout == "v3"
+        assert spec.read_header(out).layout == "v3"
         outs.append(out)
-    for c, dump in zip(cases, guest_dump_all(outs, cases[0].dir.parent), strict=True):
+    for c, dump in zip(cases, dump_devices(outs, cases[0].dir.parent), strict=True):
         assert len(dump) == device_bytes(c.meta["size"])
         assert_same(dump[: c.meta["size"]], c.expected_bytes, f"the guest's view of {c.name} converted to v3")
 
@@ -770,7 +733,7 @@ def test_convert_v3_to_v1_v2_and_back(unpack, layout):
     result = convert_cli(c, old, "--layout", layout)
     assert (result["layout"], result["source_layout"]) == (layout, "v3")
     assert_converted(c, old, layout)
-    h = ubdcow.read_header(old)
+    h = spec.read_header(old)
     assert h.bitmap_offset == h.header_size == {"v1": 280, "v2": 4120}[layout]
     back = c.dir / "back.cow"
     cli_ok("convert", old, "-o", back)
@@ -797,17 +760,17 @@ def test_a_real_guest_reads_v3_converted_to_v1_v2(unpack, layout):
     out = c.dir / f"{layout}.cow"
     cli_ok("convert", c.cow, "-o", out, "--layout", layout)
     cli_ok("rebase", "--unsafe", out, "--backing", c.backing)  # only the COW on the command line: no switch
-    assert ubdcow.read_header(out).layout == layout
+    assert spec.read_header(out).layout == layout
     dump = guest_dump(out, c.dir)
     assert_same(dump, c.expected_bytes, f"the guest's /dev/ubdb (v3 -> {layout})")
-    assert ubdcow.read_header(out).layout == layout
+    assert spec.read_header(out).layout == layout
 
 
 @pytest.mark.parametrize("layout", ["v1", "v3"])
 def test_convert_keeps_holes_under_set_bits(unpack, layout):
     """Discarded sectors (set bits over holes in the data area) stay holes: zeros, not backing, not data."""
     c = unpack("v3-discard")
-    h = ubdcow.read_header(c.cow)
+    h = spec.read_header(c.cow)
     raw = c.cow.read_bytes()
     backing = c.backing.read_bytes()
     # gzip lost the holes the guest's discards punched: punch whole zero pages of set sectors again
@@ -830,7 +793,7 @@ def test_convert_keeps_holes_under_set_bits(unpack, layout):
     convert_cli(c, out, "--layout", layout)
     assert_converted(c, out, layout)  # includes: the map, with its zero extents, is the same
     # every filesystem block of the new file that lies wholly inside a punched range is a hole there too
-    oh = ubdcow.read_header(out)
+    oh = spec.read_header(out)
     block = os.statvfs(out).f_frsize
     runs: list[list[int]] = []  # punched sector runs
     for p in pages:
@@ -874,6 +837,6 @@ def test_convert_refuses_a_path_too_long_for_v1(tmp_path):
     assert_one_line_error(proc, "cannot convert to v1", f"{len(os.fsencode(recorded))} bytes", "255")
     assert not (tmp_path / "v1.cow").exists() and snapshot(tmp_path) == before and leftovers(tmp_path) == []
     cli_ok("convert", cow, "-o", tmp_path / "v2.cow", "--layout", "v2")  # a v2 header holds 4095 bytes
-    assert ubdcow.read_header(tmp_path / "v2.cow").backing_file == recorded
+    assert spec.read_header(tmp_path / "v2.cow").backing_file == recorded
     assert_same(virtual_disk(tmp_path / "v2.cow"), virtual_disk(cow), "v2 content")
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, require, require_root, require_tool, run_cli
 
 import ubdcow
 from ubdcow.errors import ImageIOError
@@ -30,12 +30,13 @@ def random_image(tmp_path: Path, size: int, dirty: list[int] = ()) -> tuple[Path
 
 @pytest.fixture
 def small_fs(tmp_path: Path):
-    """A 4 MiB tmpfs mounted for the test (root only; skipped elsewhere)."""
+    """A 4 MiB tmpfs mounted for the test (root only: skipped elsewhere, a failure under UBDCOW_REQUIRE_UML=1)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()}")
+    require_root("mounting a small tmpfs")
+    mount = require_tool("mount", "mount")
+    proc = subprocess.run([mount, "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    require(proc.returncode == 0, f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
     try:
         yield mnt
     finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 import fslab
 import numpy as np
 import pytest
-from conftest import Case, require_tool
+from conftest import Case, require_root, require_tool
 from nbdlab import (
     Server,
     ext4_overlay,
@@ -26,7 +26,6 @@ from nbdlab import (
     qemu_zero_runs,
     random_overlay,
     require_nbd,
-    require_root,
     run,
     serve_run,
     shell_ok,

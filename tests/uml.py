@@ -8,6 +8,7 @@ script writes under the host's paths are visible to the test afterwards.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,6 +25,10 @@ echo UBDCOW-GUEST-END
 sync
 halt -f
 """
+#: what a checked guest command prints when it fails
+FAIL = "UBDCOW-FAIL"
+#: the Debian package of each host program a guest script runs (the guest runs the host's binaries)
+GUEST_TOOLS = {"dd": "coreutils", "blkdiscard": "util-linux", "sha256sum": "coreutils"}
 
 
 class Guest:
@@ -102,3 +107,43 @@ def guest(script: str, *ubd: str, workdir: str | os.PathLike[str], timeout: floa
     assert isinstance(result, Guest)
     assert result.finished, "guest did not finish its script; console tail:\n" + result.console[-3000:]
     return result
+
+
+def checked(cmd: str) -> str:
+    """A guest script line that prints a :data:`FAIL` marker the test looks for when ``cmd`` fails."""
+    return f"{cmd} || echo {FAIL}: {shlex.quote(cmd)}\n"
+
+
+def need_guest_tools(*names: str) -> str:
+    """Guest script lines asserting the host programs the guest runs (through hostfs) are there.
+
+    A missing program skips the test, or fails it under UBDCOW_REQUIRE_UML=1 (the conftest rule).
+    """
+    lines = []
+    for name in names:
+        require_tool(name, GUEST_TOOLS.get(name, name))
+        lines.append(checked(f"command -v {name} >/dev/null"))
+    return "".join(lines)
+
+
+def assert_no_failures(result: Guest) -> None:
+    failures = [line for line in result.console.splitlines() if line.startswith(FAIL)]
+    assert not failures, "guest commands failed:\n" + "\n".join(failures) + "\nconsole tail:\n" + result.console[-3000:]
+
+
+def dump_devices(cows: list[Path], workdir: Path) -> list[bytes]:
+    """Boot one guest with ``cows`` as /dev/ubdb, /dev/ubdc, ... (only the COW file on the command line:
+    the recorded backing path must be right) and return each whole device as the kernel read it, with
+    ``dd bs=4096 iflag=direct`` (larger or buffered reads return wrong data with this kernel)."""
+    assert len(cows) <= 15
+    devices = [f"ubd{chr(ord('b') + i)}" for i in range(len(cows))]
+    dumps = [workdir / f"guest-dump-{dev}.img" for dev in devices]
+    for dump in dumps:
+        dump.unlink(missing_ok=True)
+    script = need_guest_tools("dd")
+    script += "".join(checked(f"dd if=/dev/{dev} of={shlex.quote(str(dump.resolve()))} bs=4096 iflag=direct "
+                              "status=none") for dev, dump in zip(devices, dumps, strict=True))
+    result = guest(script, *(ubd_arg(cow, device=dev) for cow, dev in zip(cows, devices, strict=True)),
+                   workdir=workdir)
+    assert_no_failures(result)
+    return [dump.read_bytes() for dump in dumps]

@@ -3,11 +3,15 @@
     python tests/fuzz/fuzz_header.py -runs=100000 [CORPUS_DIR]
 """
 
+import contextlib
 import sys
 
-import atheris
+try:
+    import atheris
+except ImportError:  # tests/test_fuzz.py also runs test_one_input through hypothesis, without atheris
+    atheris = None
 
-with atheris.instrument_imports():
+with atheris.instrument_imports() if atheris else contextlib.nullcontext():
     import ubdcow
     from ubdcow.format import parse_header
 

@@ -6,13 +6,17 @@ The input is written as a COW file next to a 64 KiB backing file; the
 harness reads the whole virtual disk (bounded to 1 MiB) through the engine.
 """
 
+import contextlib
 import os
 import sys
 import tempfile
 
-import atheris
+try:
+    import atheris
+except ImportError:  # tests/test_fuzz.py also runs test_one_input through hypothesis, without atheris
+    atheris = None
 
-with atheris.instrument_imports():
+with atheris.instrument_imports() if atheris else contextlib.nullcontext():
     import ubdcow
     from ubdcow.check import check
     from ubdcow.inspect import map_image
@@ -39,10 +43,16 @@ def test_one_input(data: bytes) -> None:
     except ubdcow.UbdCowError:
         pass
     try:
-        if len(map_image(COW)) > 0:
-            pass
+        extents = map_image(COW)
+        size = ubdcow.read_header(COW).size
     except ubdcow.UbdCowError:
         pass
+    else:  # the map tiles the whole disk, in order, with known sources
+        pos = 0
+        for e in extents:
+            assert e["start"] == pos and e["length"] > 0 and e["source"] in ("cow", "zero", "backing"), e
+            pos += e["length"]
+        assert pos == size, (pos, size)
     try:
         check(COW, backing=BACKING)
     except ubdcow.UbdCowError:
