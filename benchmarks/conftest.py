@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,9 +289,22 @@ def warm(*paths: Path) -> None:
             os.close(fd)
 
 
-def settle() -> None:
-    """Write dirty pages back now, so that background writeback does not land inside a timed round."""
+def settle(folder: Path | None = None) -> int:
+    """Write dirty pages back now, so that background writeback does not land inside a timed round.
+
+    With a ``folder``, also wait until its filesystem has finished freeing what was deleted (XFS and
+    btrfs do it in the background: sync until the free space stops changing) and return its free bytes.
+    """
     os.sync()
+    free = -1
+    while folder is not None:
+        time.sleep(0.2)
+        os.sync()
+        st = os.statvfs(folder)
+        if st.f_bfree * st.f_frsize == free:
+            break
+        free = st.f_bfree * st.f_frsize
+    return free
 
 
 @dataclass(frozen=True)
@@ -313,9 +327,14 @@ class DenseImage:
 
 @pytest.fixture(scope="session")
 def dense(bench_dir: Path) -> DenseImage:
+    return build_dense(bench_dir)
+
+
+def build_dense(folder: Path) -> DenseImage:
+    """The dense image (same seed, same bytes wherever it is built) in ``folder``, written back and cached."""
     rng = np.random.default_rng(SEED)
-    backing = bench_dir / "dense-backing.img"
-    cow = bench_dir / "dense.cow"
+    backing = folder / "dense-backing.img"
+    cow = folder / "dense.cow"
     write_random_file(backing, SIZE, rng)
     nblocks = SIZE // BLOCK
     blocks = np.sort(rng.choice(nblocks, size=round(nblocks * DIRTY_FRACTION), replace=False))
@@ -409,13 +428,65 @@ def uml_moo_path() -> str | None:
     return path
 
 
-def _fs_type(path: str) -> str:
+def fs_type(path: str | Path) -> str:
+    """The type of the filesystem holding ``path`` (``ext4``, ``xfs``, ...; ``?`` when findmnt cannot tell)."""
     try:
-        out = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", path], capture_output=True, text=True, check=True)
+        cmd = ["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         lines = out.stdout.split()
         return lines[0] if lines else "?"
     except (OSError, subprocess.CalledProcessError):
         return "?"
+
+
+def _system_tool(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (f"{d}/{name}" for d in ("/usr/sbin", "/sbin") if os.access(f"{d}/{name}", os.X_OK)), None
+    )
+
+
+@contextmanager
+def loop_filesystem(kind: str, folder: Path, size: int) -> Iterator[Path]:
+    """A ``kind`` filesystem (``xfs`` with reflink=1, or ``btrfs``) on a loop device over a sparse file of
+    ``size`` bytes in ``folder``, mounted; yields the mount point. Skips with a reason where that cannot
+    be done (not root, tools missing, no free loop device, no kernel support, too little room); always
+    unmounted, detached and removed on exit."""
+    if os.geteuid() != 0:
+        pytest.skip(f"a loop-mounted {kind} filesystem needs root")
+    tools = {name: _system_tool(name) for name in ("losetup", "mount", "umount", f"mkfs.{kind}")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (util-linux, xfsprogs, btrfs-progs)")
+    if shutil.disk_usage(folder).free < size:
+        pytest.skip(f"{folder} has less than {human(size)} free for the {kind} loop image")
+    image, point = folder / f"{kind}.img", folder / f"{kind}-mnt"
+    point.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size)
+
+    def run(*cmd: str | Path | None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
+
+    proc = run(tools["losetup"], "--find", "--show", image)
+    device = proc.stdout.strip()
+    mounted = False
+    try:
+        if proc.returncode != 0:
+            pytest.skip(f"no loop device for the {kind} image: {proc.stderr.strip()}")
+        proc = run(tools[f"mkfs.{kind}"], "-q", *(["-m", "reflink=1"] if kind == "xfs" else []), device)
+        assert proc.returncode == 0, proc.stderr
+        proc = run(tools["mount"], device, point)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount {kind}: {proc.stderr.strip()}")
+        mounted = True
+        yield point
+    finally:
+        if mounted and run(tools["umount"], point).returncode != 0:
+            run(tools["umount"], "-l", point)
+        if device:
+            run(tools["losetup"], "-d", device)
+        image.unlink()
+        point.rmdir()
 
 
 # -- the table ---------------------------------------------------------------
@@ -431,7 +502,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     mode = "disabled (single smoke round)" if benchmarks_disabled(config) else f"enabled, {ROUNDS} rounds"
     tr.write_sep("=", "ubdcow benchmark ratios")
     tr.write_line(
-        f"size {human(SIZE)} ({'full' if FULL else 'reduced'}), dir {where} ({_fs_type(where)}), "
+        f"size {human(SIZE)} ({'full' if FULL else 'reduced'}), dir {where} ({fs_type(where)}), "
         f"benchmarks {mode}, ops/round {OPS}, load {os.getloadavg()[0]:.2f}"
     )
     tr.write_line(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
+import struct
 from collections.abc import Iterator
 
 from .errors import ImageIOError, UbdCowError
@@ -20,6 +22,8 @@ __all__ = [
     "punch_hole",
     "Segments",
     "copy_range",
+    "clone_range",
+    "clone_block",
     "fsync_dir",
     "same_file",
     "mtime_seconds",
@@ -241,6 +245,50 @@ def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int, buf:
         pwrite_all(dst, [chunk], dst_off)
         src_off += n
         dst_off += n
+
+
+def _iow(kind: int, number: int, size: int) -> int:
+    """An ioctl request number ``_IOW(kind, number, size)`` for this machine's encoding."""
+    if os.uname().machine.startswith(("ppc", "powerpc", "mips", "sparc", "alpha")):
+        return (4 << 29) | (size << 16) | (kind << 8) | number  # _IOC_WRITE is 4 there, 13 size bits
+    return (1 << 30) | (size << 16) | (kind << 8) | number
+
+
+_CLONE_ARGS = struct.Struct("=qQQQ")  # struct file_clone_range: src_fd, src_offset, src_length, dest_offset
+FICLONERANGE = _iow(0x94, 13, _CLONE_ARGS.size)
+#: errors by which FICLONERANGE says these files, this filesystem or this range cannot share extents
+#: (EINVAL: unaligned, past the source's end, or unsupported; EBADF/EPERM/ETXTBSY: a destination it
+#: will not remap into); anything else (ENOSPC, EIO, ...) is a real error
+NO_CLONE = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EBADF, errno.EPERM, errno.ETXTBSY}
+)
+
+
+def clone_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> bool:
+    """Make ``dst[dst_off:dst_off+length]`` share ``src``'s extents (FICLONERANGE); False when it cannot.
+
+    Nothing is copied: on XFS (reflink=1), btrfs and the like the two files
+    then hold the same blocks until either is written. Offsets and length
+    must be multiples of the filesystem block (see :func:`clone_block`), or
+    the call fails (False). ``src`` needs only be open for reading. A hole in
+    the source becomes a hole in the destination. A failure leaves the
+    destination as it was; errors other than :data:`NO_CLONE` raise OSError.
+    """
+    if length <= 0:
+        return True
+    try:
+        fcntl.ioctl(dst, FICLONERANGE, _CLONE_ARGS.pack(src, src_off, length, dst_off))
+    except OSError as exc:
+        if exc.errno in NO_CLONE:
+            return False
+        raise
+    return True
+
+
+def clone_block(fd: int) -> int:
+    """The alignment :func:`clone_range` needs on the filesystem of ``fd`` (its block size)."""
+    st = os.fstatvfs(fd)
+    return max(st.f_frsize or st.f_bsize, 512)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -26,7 +26,17 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="merge even if the backing file's size or mtime differs from the header"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    p.add_argument("--no-sparse", action="store_true", help="allocate every byte of the output (no holes)")
+    p.add_argument(
+        "--no-sparse",
+        action="store_true",
+        help="allocate every byte of the output (no holes, nothing shared with the backing or COW file)",
+    )
+    p.add_argument(
+        "--no-reflink",
+        action="store_true",
+        help="copy every byte even where the filesystem could share extents with the backing and COW files "
+        "(XFS with reflink, btrfs)",
+    )
     add_no_lock(p)
     add_common(p)
 
@@ -54,6 +64,7 @@ def _merge(args: argparse.Namespace, output: str, bar: Bar) -> MergeResult:
         sparse=not args.no_sparse,
         progress=bar.update,
         lock=not args.no_lock,
+        reflink=not args.no_reflink,
     )
 
 
@@ -67,11 +78,12 @@ def cmd_merge(args: argparse.Namespace, out: Output) -> int:
         result = _merge(args, output, bar)
     if output == "-":
         out.stdout = out.stderr  # the image owns stdout
+    shared = f", {out.size(result.shared_bytes)} shared (reflink)" if result.shared_bytes else ""
     out.result(
         result,
         f"merged {args.cow} -> {result.output}: {out.size(result.size)} "
         f"({out.size(result.cow_bytes)} from the COW file, {out.size(result.backing_bytes)} from the "
-        f"backing file; {out.size(result.hole_bytes)} left as holes) in {result.seconds:.2f} s",
+        f"backing file; {out.size(result.hole_bytes)} left as holes{shared}) in {result.seconds:.2f} s",
     )
     return EXIT_OK
 
