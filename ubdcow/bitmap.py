@@ -210,15 +210,13 @@ class Bitmap:
             return self._chunk(index), index * CHUNK
         return self._read(start, end), start
 
-    _bytes = page_bytes
-
     def windows(self, lo: int, hi: int) -> Iterator[tuple[bytes | bytearray | memoryview, int, int, int]]:
         """Yield ``(buf, first_bit, lo, hi)`` windows covering honoured bits [lo, hi)."""
         hi = min(hi, self.nbits)
         while lo < hi:
             byte_lo = lo // 8
             byte_hi = min(byte_lo + WINDOW, (hi + 7) // 8)
-            buf, base = self._bytes(byte_lo, byte_hi)
+            buf, base = self.page_bytes(byte_lo, byte_hi)
             w_hi = min(hi, byte_hi * 8)
             yield buf, base * 8, lo, w_hi
             lo = w_hi
@@ -249,7 +247,7 @@ class Bitmap:
     def runs_list(self, lo: int, hi: int) -> list[Run]:
         """:meth:`runs` as a list, quickly for the small ranges of ordinary I/O requests."""
         if hi - lo <= _SMALL and hi <= self.nbits:
-            buf, base = self._bytes(lo // 8, (hi + 7) // 8)
+            buf, base = self.page_bytes(lo // 8, (hi + 7) // 8)
             return list(iter_runs(buf, base * 8, lo, hi))
         return list(self.runs(lo, hi))
 
@@ -258,7 +256,7 @@ class Bitmap:
         out = np.zeros(hi - lo, dtype=bool)
         top = min(hi, self.nbits)
         if lo < top:
-            buf, base = self._bytes(lo // 8, (top + 7) // 8)
+            buf, base = self.page_bytes(lo // 8, (top + 7) // 8)
             arr = np.frombuffer(buf, dtype=np.uint8, count=(top + 7) // 8 - lo // 8, offset=lo // 8 - base)
             out[: top - lo] = np.unpackbits(arr, bitorder="little")[lo % 8 : lo % 8 + top - lo].view(bool)
         return out
@@ -272,7 +270,7 @@ class Bitmap:
         """Whether the bit of ``sector`` is set."""
         if not 0 <= sector < self.nbits:
             return False
-        buf, base = self._bytes(sector // 8, sector // 8 + 1)
+        buf, base = self.page_bytes(sector // 8, sector // 8 + 1)
         return bool(buf[sector // 8 - base] >> (sector % 8) & 1)
 
     def scan(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, np.ndarray, int]]:
@@ -348,7 +346,7 @@ class Bitmap:
     def _set_small(self, lo: int, hi: int) -> None:
         """set_range for a few bits in one cached chunk, with Python integers."""
         byte_lo, byte_hi = lo // 8, (hi + 7) // 8
-        buf, base = self._bytes(byte_lo, byte_hi)
+        buf, base = self.page_bytes(byte_lo, byte_hi)
         old = int.from_bytes(buf[byte_lo - base : byte_hi - base], "little")
         new = old | (((1 << (hi - lo)) - 1) << (lo - 8 * byte_lo))
         if new != old:
@@ -357,7 +355,7 @@ class Bitmap:
             self._patch(byte_lo, data)
 
     def _set_window(self, byte_lo: int, byte_hi: int, lo: int, hi: int, *, clear: bool = False) -> None:
-        buf, base = self._bytes(byte_lo, byte_hi)
+        buf, base = self.page_bytes(byte_lo, byte_hi)
         old = np.frombuffer(buf, dtype=np.uint8, count=byte_hi - byte_lo, offset=byte_lo - base)
         mask = np.full(byte_hi - byte_lo, 0xFF, dtype=np.uint8)
         mask[0] &= (0xFF << (lo % 8)) & 0xFF

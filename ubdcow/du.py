@@ -20,11 +20,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ._cowfile import CowFile
-from ._io import mtime_seconds
+from ._io import mtime_seconds, open_file
 from ._result import Result
 from .backing import backing_candidates, mismatch_hint, mismatch_message
-from .errors import ImageIOError, UbdCowError
-from .format import MAX_HEADER_SIZE, CowHeader, has_cow_magic, parse_header
+from .errors import NotACowFileError, UbdCowError
+from .format import CowHeader, read_header_from
 from .inspect import cow_bytes
 
 __all__ = ["Overlay", "Group", "Unreadable", "DuReport", "du", "find_cow_files"]
@@ -127,19 +127,13 @@ def _entries(path: str, unreadable: list[Unreadable]) -> Iterator[tuple[str, os.
 
 def _header(path: str) -> CowHeader | None:
     """The header of a COW file, None for a file without the COW magic; raises for an unreadable one."""
+    fd, _ = open_file(path, os.O_RDONLY)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError as exc:
-        raise ImageIOError(path, f"cannot open: {exc.strerror}", errno=exc.errno) from None
-    try:
-        data = os.pread(fd, MAX_HEADER_SIZE, 0)
-    except OSError as exc:
-        raise ImageIOError(path, f"cannot read the header: {exc.strerror}", errno=exc.errno) from None
+        return read_header_from(fd, path)
+    except NotACowFileError:
+        return None
     finally:
         os.close(fd)
-    if not has_cow_magic(data):
-        return None
-    return parse_header(data, path)
 
 
 def find_cow_files(

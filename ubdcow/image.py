@@ -559,9 +559,7 @@ class CowImage(_PageWriter, io.RawIOBase):
 
     def _read_backing(self, chunk: memoryview, pos: int) -> None:
         try:
-            got = os.preadv(self._bfd, [chunk], pos)
-            if got < len(chunk):
-                got += pread_into(self._bfd, chunk[got:], pos + got)
+            got = pread_into(self._bfd, chunk, pos)
         except OSError as exc:
             raise ImageIOError(
                 self.backing_name, f"read error at offset {pos}: {exc.strerror}", errno=exc.errno

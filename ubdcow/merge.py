@@ -354,14 +354,9 @@ class _Ranges:
             yield max(a, self.starts[i]), min(b, self.ends[i])
             i += 1
 
-    def overlap(self, a: int, b: int) -> int:
-        """How many bytes of ``[a, b)`` are inside the ranges."""
-        starts, ends = self.starts, self.ends
-        i, n = bisect.bisect_right(ends, a), 0
-        while i < len(starts) and starts[i] < b:
-            n += min(b, ends[i]) - max(a, starts[i])
-            i += 1
-        return n
+    def intersects(self, a: int, b: int) -> bool:
+        """Whether any byte of ``[a, b)`` is inside the ranges."""
+        return next(self.pieces(a, b), None) is not None
 
 
 class _Sharer:
@@ -453,7 +448,7 @@ class _Sharer:
         """Copy a COW range the usual way (zero blocks and holes of the data area left as holes)."""
         if a >= b:
             return
-        if cloned.overlap(a, b):
+        if cloned.intersects(a, b):
             self.copier.clear(a, b - a)  # unshare by deallocating, then write into the hole
         for x, y, is_data in self.cow_segments(self.base + a, self.base + b):
             if is_data:

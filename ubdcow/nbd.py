@@ -53,7 +53,6 @@ EXTENT_ZERO = 2
 ZERO = EXTENT_HOLE | EXTENT_ZERO
 FUA_EMULATE = 1
 THREAD_MODEL_SERIALIZE_REQUESTS = 2
-THREAD_MODEL_PARALLEL = 3
 PAGE = 4096
 #: the most of the disk one extents request looks at (256 MiB: 64 KiB of bitmap)
 EXTENTS_SCAN = 256 << 20
