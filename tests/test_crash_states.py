@@ -44,6 +44,7 @@ from pathlib import Path
 
 import pytest
 from test_compact import build as build_compact_lab
+from test_oracle_model import decode
 
 import ubdcow
 import ubdcow._io as uio
@@ -336,27 +337,6 @@ def page_states(h: History, rng: random.Random, budget: int) -> Iterator[State]:
 # -- what a state must read -----------------------------------------------------------------------
 
 
-def independent_read(data: bytes, hd: CowHeader, backing: bytes) -> tuple[bytes, list[int], set[int]]:
-    """The disk a COW file's bytes define (plain bytes, from the spec): content, bits and mixed pages.
-
-    A set bit reads the data area (zeros past the end of the file); a clear one the backing file.
-    """
-    bits = [data[hd.bitmap_offset + s // 8] >> (s % 8) & 1 if hd.bitmap_offset + s // 8 < len(data) else 0
-            for s in range(hd.mapped_sectors)] + [0] * (hd.sectors - hd.mapped_sectors)
-    out = bytearray(backing[:hd.size])
-    for s, bit in enumerate(bits):
-        if bit:
-            a, b = s * SECTOR, min((s + 1) * SECTOR, hd.size)
-            got = data[hd.data_offset + a:hd.data_offset + b]
-            out[a:b] = got.ljust(b - a, b"\0")
-    mixed = set()
-    for p in range(-(-hd.mapped_sectors // 8)):
-        page_bits = bits[8 * p:min(8 * p + 8, hd.mapped_sectors)]
-        if 0 < sum(page_bits) < len(page_bits):
-            mixed.add(p)
-    return bytes(out), bits, mixed
-
-
 @dataclass
 class Workload:
     """A COW file, its backing file, what the disk reads after each operation (an independent model),
@@ -395,7 +375,7 @@ def check_state(w: Workload, state: State, scratch: Path, tally: Tally, *, stric
     hd, calls = w.header, w.history.calls
     where = f"{w.name}: crash after {state.crash} calls (last fsync after {state.durable})"
     scratch.write_bytes(state.data)
-    disk, bits, mixed = independent_read(state.data, hd, w.backing_bytes)
+    disk, bits, mixed = decode(state.data, w.backing_bytes)
     report = ubdcow.check(scratch, backing=w.backing)
     errors = [f for f in report.findings if f.severity == "error" or f.code not in w.pre_codes | {"mixed-pages"}]
     assert report.exit_code == EXIT_CLEAN and not errors, (where, report.as_dict())
@@ -464,7 +444,7 @@ def run_workload(name: str, cow: Path, backing: Path, backing_bytes: bytes, ops:
     """Run ``ops`` (through the public API) while recording; model what the disk reads after each."""
     hd = read_header(cow)
     pre = cow.read_bytes()
-    disk, _, pre_mixed = independent_read(pre, hd, backing_bytes)
+    disk, _, pre_mixed = decode(pre, backing_bytes)
     logical = [disk]
     model = bytearray(disk)
     pre_codes = {f.code for f in ubdcow.check(cow, backing=backing).findings}

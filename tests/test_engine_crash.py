@@ -21,11 +21,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
+from test_oracle_model import decode
 
 import ubdcow
-from ubdcow.format import read_header
 
 SECTOR = 512
 PAGE = 4096
@@ -126,25 +127,6 @@ def replay(seed: int, disk: bytes, backing: bytes, limit: int = 200_000) -> int:
     raise AssertionError("unreachable")
 
 
-def independent_read(cow, backing: bytes) -> tuple[bytes, int]:
-    """The disk the COW file defines, decoded from its bytes: a set bit reads the data area (zeros past
-    the end of the file), a clear one the backing file; and the number of set bits."""
-    header = read_header(cow)
-    with open(cow, "rb") as f:
-        f.seek(header.bitmap_offset)
-        bitmap = f.read(header.bitmap_len)
-        f.seek(header.data_offset)
-        data = f.read()
-    out = bytearray(backing)
-    set_bits = 0
-    for s in range(header.mapped_sectors):
-        if bitmap[s // 8] >> (s % 8) & 1:
-            set_bits += 1
-            a, b = s * SECTOR, min((s + 1) * SECTOR, header.size)
-            out[a:b] = data[a:b].ljust(b - a, b"\0")
-    return bytes(out), set_bits
-
-
 def open_after_kill(cow: str, backing) -> ubdcow.CowImage:
     """Open for reading once the dead child's lock is gone.
 
@@ -189,7 +171,7 @@ def test_sigkill_leaves_every_sector_consistent(tmp_path) -> None:
         with open_after_kill(cow, backing_path) as img:
             disk = img.read()
         assert len(disk) == SIZE
-        raw, _ = independent_read(cow, backing)
+        raw = decode(Path(cow).read_bytes(), backing)[0]
         assert disk == raw, f"trial {trial}: ubdcow reads another disk than the file's bytes define"
         k = replay(seed, disk, backing)
         # the pages the schedule touched are all set: no page is left mixed
@@ -238,7 +220,7 @@ def test_two_threads_writing_overlapping_partial_sectors_leave_one_result_per_se
             ba[a_off : a_off + a_len] = a
             got = img.pread(size, 0)
             img.flush()
-            raw, _ = independent_read(cow, backing)
+            raw = decode(Path(cow).read_bytes(), backing)[0]
             assert raw == got, f"round {rnd}: ubdcow reads another disk than the file's bytes define"
             for s in range(min(a_off, b_off) // SECTOR, -(-max(a_off + a_len, b_off + b_len) // SECTOR)):
                 x, y = s * SECTOR, (s + 1) * SECTOR

@@ -226,19 +226,32 @@ def runs(sectors: list[int]) -> list[tuple[int, int]]:
     return [(a, n) for a, n in out]
 
 
+def decode(data: bytes, backing: bytes) -> tuple[bytes, list[int], set[int]]:
+    """What a COW file's bytes define: the disk (the backing bytes where a bit is clear, the data area
+    where a bit is set and honoured, zeros past the end of the file), each sector's bit (0 or 1; 0 where
+    the bitmap has no bit or the file is cut short) and the mixed pages."""
+    h = parse(data[:4136])
+    raw = data[h.bitmap_offset : h.bitmap_offset + h.bitmap_len]
+    flags = [raw[s >> 3] >> (s & 7) & 1 if s >> 3 < len(raw) else 0 for s in range(h.honoured)]
+    flags += [0] * (h.sectors - h.honoured)
+    out = bytearray(backing[: h.size])
+    for first, count in runs([s for s, on in enumerate(flags) if on]):
+        a, b = SECTOR * first, min(SECTOR * (first + count), h.size)
+        out[a:b] = data[h.data_offset + a : h.data_offset + b].ljust(b - a, b"\0")  # past the end: a hole
+    mixed = {p for p in range(-(-h.honoured // 8))
+             if 0 < sum(flags[8 * p : min(8 * p + 8, h.honoured)]) < min(8, h.honoured - 8 * p)}
+    return bytes(out), flags, mixed
+
+
 def disk(path: Path, backing: Path) -> bytes:
     """The virtual disk as the kernel reads it: exactly ``size`` bytes."""
     h = read_header(path)
     assert h.sectorsize == SECTOR, "the model reads 512-byte-sector files only, like the kernel"
-    out = bytearray(backing.read_bytes())
-    assert len(out) == h.size, f"{backing} is {len(out)} bytes; the header records {h.size}"
-    with open(path, "rb") as f:
-        for first, count in runs(bits(path)):
-            f.seek(h.data_offset + SECTOR * first)
-            a, b = SECTOR * first, min(SECTOR * (first + count), h.size)
-            chunk = f.read(b - a)
-            out[a:b] = chunk.ljust(b - a, b"\0")  # past the end of the file: a hole
-    return bytes(out)
+    content = backing.read_bytes()
+    assert len(content) == h.size, f"{backing} is {len(content)} bytes; the header records {h.size}"
+    data = path.read_bytes()
+    assert len(data) >= h.bitmap_offset + h.bitmap_len, f"{path}: the bitmap is cut short"
+    return decode(data, content)[0]
 
 
 def cow_bytes(path: Path) -> int:
