@@ -7,6 +7,7 @@ about it), which the command line prints on a second line.
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 
 __all__ = [
@@ -25,6 +26,15 @@ __all__ = [
     "OutputError",
     "ImageIOError",
     "ServeError",
+    "FilesystemError",
+    "CorruptFilesystemError",
+    "UnsupportedFilesystemError",
+    "JournalError",
+    "PartitionError",
+    "FsPathError",
+    "FsFileNotFoundError",
+    "FsNotADirectoryError",
+    "FsIsADirectoryError",
 ]
 
 
@@ -114,6 +124,55 @@ class ImageIOError(UbdCowError):
 
 class ServeError(UbdCowError):
     """The NBD server cannot start: nbdkit or its Python plugin missing or unusable, a socket or port taken."""
+
+
+class FilesystemError(UbdCowError):
+    """The filesystem inside a disk cannot be read: corrupt, unsupported, or not there."""
+
+
+class CorruptFilesystemError(FilesystemError):
+    """The filesystem's structures are inconsistent (a loop, a block past the end, an impossible size)."""
+
+
+class UnsupportedFilesystemError(FilesystemError):
+    """Not ext2/3/4, or an ext4 feature the reader does not understand (named in the message)."""
+
+
+class JournalError(FilesystemError):
+    """The jbd2 journal cannot be replayed (corrupt or external); ``--no-journal`` reads the disk as it is."""
+
+
+class PartitionError(FilesystemError):
+    """No filesystem to choose, or several partitions and no ``--partition`` (the message lists them)."""
+
+
+class FsPathError(FilesystemError):
+    """A path inside the filesystem cannot be used as asked."""
+
+    _errno_code: int | None = None
+
+    def __init__(self, filename: str | os.PathLike[str] | None, message: str, *, hint: str | None = None) -> None:
+        super().__init__(filename, message, hint=hint)
+        if self._errno_code is not None:  # the OSError subclasses below carry their errno, as the OS's would
+            setattr(self, "errno", self._errno_code)  # noqa: B010
+
+
+class FsFileNotFoundError(FsPathError, FileNotFoundError):
+    """A path does not exist inside the filesystem."""
+
+    _errno_code = _errno.ENOENT
+
+
+class FsNotADirectoryError(FsPathError, NotADirectoryError):
+    """A path component inside the filesystem is not a directory."""
+
+    _errno_code = _errno.ENOTDIR
+
+
+class FsIsADirectoryError(FsPathError, IsADirectoryError):
+    """A file operation named a directory inside the filesystem."""
+
+    _errno_code = _errno.EISDIR
 
 
 def io_error(filename: str | os.PathLike[str], exc: OSError, what: str | None = None) -> ImageIOError:

@@ -1,0 +1,8 @@
+"""Read the files inside a disk: a read-only ext2/ext3/ext4 reader over ``pread``.
+
+This subpackage sits above the disk layer and needs only a ``pread(length, offset) -> bytes``
+callable: a COW overlay's virtual disk (``ubdcow.open``), a raw image, or a partition of either.
+It never writes to any file.
+"""
+
+from __future__ import annotations
