@@ -95,7 +95,7 @@ def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | 
         # one pass counts the set bits and the mixed pages (see check)
         cow_sectors, mixed_pages, _ = cow.bitmap.summary(limit=0)
         last_set = cow.bitmap.test(header.sectors - 1)
-        busy, pid = _lock.holder(cow.fd, exclusive=False)
+        lock_kind, pid = _lock.held(cow.fd)
         apparent = cow.length
     return {
         "file": cow_path,
@@ -118,8 +118,9 @@ def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | 
         "mixed_pages": mixed_pages,
         "apparent_size": apparent,
         "allocated_size": st.st_blocks * 512,
-        "in_use": busy,
-        "locked_by": pid if busy else None,
+        "in_use": lock_kind is not None,
+        "lock": lock_kind,
+        "locked_by": pid,
     }
 
 

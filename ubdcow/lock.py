@@ -15,7 +15,7 @@ import struct
 
 from .errors import ImageIOError, ImageLockedError
 
-__all__ = ["lock", "holder", "describe_holder"]
+__all__ = ["lock", "holder", "held", "describe_holder"]
 
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
@@ -97,6 +97,22 @@ def holder(fd: int, exclusive: bool = True) -> tuple[bool, int | None]:
         pid = l_pid if l_pid > 0 else (_proc_locks_pid(fd) or _fdinfo_pid(fd))
         return True, pid
     return False, None
+
+
+def held(fd: int) -> tuple[str | None, int | None]:
+    """The lock another open file holds on ``fd``'s file: ``("write", pid)``, ``("read", pid)`` or ``(None, None)``.
+
+    A read lock (a read-only ``serve``, another ubdcow reading) does not block
+    other readers but does block every writer (``compact``, ``rebase``), so both
+    kinds count as "in use".
+    """
+    busy, pid = holder(fd, exclusive=False)  # only a write lock blocks a read lock
+    if busy:
+        return "write", pid
+    busy, pid = holder(fd, exclusive=True)  # any lock blocks a write lock
+    if busy:
+        return "read", pid
+    return None, None
 
 
 def describe_holder(pid: int | None) -> str:

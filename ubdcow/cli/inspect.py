@@ -59,6 +59,15 @@ def _backing_status(b: dict[str, Any]) -> str:
     return f"PROBLEM: {b['problem']}"
 
 
+def _in_use(facts: dict[str, Any]) -> str:
+    if not facts["in_use"]:
+        return "no"
+    who = describe_holder(facts["locked_by"])
+    if facts["lock"] == "read":
+        return f"yes, read-locked by {who} (it only reads: commands that write the file are refused)"
+    return f"yes, locked by {who}"
+
+
 def print_info(facts: dict[str, Any], out: Output) -> None:
     """The human form of :func:`ubdcow.info`'s facts."""
     b = facts["backing"]
@@ -105,7 +114,7 @@ def print_info(facts: dict[str, Any], out: Output) -> None:
             "file size",
             f"{out.size(facts['apparent_size'])} apparent, {out.size(facts['allocated_size'])} allocated on disk",
         ),
-        ("in use", f"yes, locked by {describe_holder(facts['locked_by'])}" if facts["in_use"] else "no"),
+        ("in use", _in_use(facts)),
     ]
     out.table(rows)
     if b["hint"] and not out.quiet:
