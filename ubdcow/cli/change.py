@@ -35,8 +35,12 @@ def cmd_rebase(args: argparse.Namespace, out: Output) -> int:
             lock=not args.no_lock,
             progress=bar.update,
         )
-    n, f = result.copied_sectors, result.filled_pages
-    copied = "" if result.unsafe else f"; {plural(n, 'sector')} copied in to keep the content"
+    n, d, f = result.copied_sectors, result.differing_sectors, result.filled_pages
+    copied = ""
+    if not result.unsafe:
+        copied = f"; {plural(n, 'sector')} copied in to keep the content"
+        if n != d:
+            copied += f" (the whole 4 KiB pages around {plural(d, 'differing sector')})"
     if f:
         copied += f", {plural(f, 'mixed page')} made whole"
     out.result(result, f"rebased {args.cow} onto {result.backing_file} (mtime {result.mtime}){copied}")
