@@ -74,3 +74,18 @@ def test_readme_quick_start_commands_exist():
         assert f"make {target}" in readme
         assert re.search(rf"^{target}:", makefile, re.M)
     assert "python -m ubdcow demo" in makefile
+
+
+def test_readme_qcow2_line_backs_holes():
+    """Issue 21, item 9: a thin qcow2 needs --backing-holes (docs/serve.md), so the README's line has it."""
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if "convert -O qcow2" in line]
+    assert lines and all("--backing-holes" in line and "-B " in line for line in lines), lines
+
+
+def test_serve_docs_say_what_agrees_with_map():
+    """Issue 21, item 10: NBD's extents are not map's ranges; the docs say what agrees, and name the test."""
+    text = (ROOT / "docs" / "serve.md").read_text()
+    assert "They agree with `ubdcow map`" not in text
+    assert "map's `zero` extents plus the holes of the\n  backing file" in text
+    for test in re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", text):
+        assert f"def {test[1]}(" in (ROOT / test[0]).read_text(), test

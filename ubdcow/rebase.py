@@ -175,6 +175,4 @@ def _safe_rebase(
         img.flush()
         copied = img.count_cow_sectors() - before  # whole pages: what was written, not only what differed
         _write_header(cow_fd, cow_path, header)
-    return RebaseResult(
-        cow_path, header.backing_file, header.mtime, header.size, copied, False, filled, differing
-    )
+    return RebaseResult(cow_path, header.backing_file, header.mtime, header.size, copied, False, filled, differing)

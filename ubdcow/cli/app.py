@@ -16,10 +16,12 @@ from .base import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
+    EXIT_USAGE,
     Command,
     Handler,
     Output,
     Terminated,
+    UsageError,
     report,
 )
 
@@ -41,9 +43,15 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """The top-level parser; ``commands`` holds each command's own parser (its usage, its options)."""
+
+    commands: dict[str, argparse.ArgumentParser]
+
+
+def build_parser() -> Parser:
     """The ``ubdcow`` parser: one subparser a command of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ubdcow",
         description="Inspect, create and flatten User-Mode Linux copy-on-write (COW) block images.",
         epilog="Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), "
@@ -51,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check and compact exit with the worst file's code. See docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"ubdcow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser)
     sub.required = True
+    parser.commands = {}
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.description, epilog=command.epilog)
         command.arguments(p)
         p.set_defaults(func=command.handler, error_code=command.error_code)
+        parser.commands[command.name] = p
     return parser
 
 
@@ -79,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args, out)
     except UbdCowError as exc:
         return report(exc, out, args.error_code)
+    except UsageError as exc:
+        command = parser.commands[args.command]
+        command.print_usage(sys.stderr)
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("ubdcow: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -27,6 +27,11 @@ EXIT_INTERNAL = 70
 T = TypeVar("T")
 
 
+class UsageError(Exception):
+    """A command line the parser accepted but the command refuses (e.g. ``--bind`` without ``--port``): exit 2,
+    with the command's usage, as argparse does."""
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so that cleanup code runs."""
 
