@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import test_oracle_model as spec
 from conftest import run_cli
+
+from ubdcow.cli.app import build_parser
 
 ROOT = Path(__file__).parent.parent
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
@@ -73,7 +76,7 @@ def test_readme_quick_start_commands_exist():
     for target in ("demo", "test"):
         assert f"make {target}" in readme
         assert re.search(rf"^{target}:", makefile, re.M)
-    assert "python -m ubdcow demo" in makefile
+    assert "/ubdcow demo" in makefile
 
 
 def test_readme_qcow2_line_backs_holes():
@@ -89,3 +92,17 @@ def test_serve_docs_say_what_agrees_with_map():
     assert "map's `zero` extents plus the holes of the\n  backing file" in text
     for test in re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", text):
         assert f"def {test[1]}(" in (ROOT / test[0]).read_text(), test
+
+
+def test_readme_says_how_to_run_the_installed_command_line():
+    """Issue 21, item 11: the README's command lines name the installed ubdcow, and say where it is."""
+    readme = (ROOT / "README.md").read_text()
+    assert ".venv/bin/ubdcow" in readme and ". .venv/bin/activate" in readme
+    block = readme[readme.index("## The command line in twelve lines"):readme.index("## The library")]
+    commands = [line.strip() for line in block.splitlines() if line.startswith("    ")]
+    assert len(commands) == 13 and all(line.startswith("ubdcow ") for line in commands), commands
+    assert "python -m ubdcow" not in block
+    parser = build_parser()
+    for line in commands:  # each parses with the real parser (the shell's quoting and pipes aside)
+        words = shlex.split(line.split("#")[0].split("|")[0])
+        parser.parse_args(words[1:])
