@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,29 @@ def test_demo_runs_and_verifies():
     proc = run_cli("demo")
     assert proc.returncode == 0, proc.stderr
     assert b"all checks passed" in proc.stdout
+
+
+def test_demo_shows_each_commands_real_output(tmp_path):
+    """Issue 21, item 13: every ``$ ubdcow ...`` line the demo prints is followed by that command's own output."""
+    proc = run_cli("demo", "--keep", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.decode()
+    assert "python -m" not in text and "$ python" not in text
+    shown: list[tuple[list[str], str]] = []
+    for block in text.split("\n$ ")[1:]:
+        command, _, rest = block.partition("\n")
+        output = [line for line in re.split(r"\n\n(?:== |demo: )", rest)[0].splitlines()
+                  if not line.startswith(("   ok: ", "   FAILED: "))]
+        shown.append((shlex.split(command), "\n".join(output).rstrip("\n") + "\n"))
+    assert [words[:2] for words, _ in shown] == [["ubdcow", w] for w in ("create", "info", "map", "check", "merge")]
+    for words, output in shown[1:4]:  # info, map, check: run again, as printed, the same output
+        again = run_cli(*words[1:])
+        assert again.returncode == 0 and again.stdout.decode() == output, (words, output)
+    words, output = shown[4]  # merge: again over its own output; only the time differs
+    again = run_cli(*words[1:], "--overwrite").stdout.decode()
+    assert re.sub(r"in [0-9.]+ s$", "", again.rstrip()) == re.sub(r"in [0-9.]+ s$", "", output.rstrip())
+    words, output = shown[0]  # create last: it replaces the overlay with an empty one
+    assert run_cli(*words[1:], "--force").stdout.decode() == output
 
 
 # -- consistency across commands --------------------------------------------------
