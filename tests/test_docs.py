@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shlex
 from pathlib import Path
@@ -106,3 +107,16 @@ def test_readme_says_how_to_run_the_installed_command_line():
     for line in commands:  # each parses with the real parser (the shell's quoting and pipes aside)
         words = shlex.split(line.split("#")[0].split("|")[0])
         parser.parse_args(words[1:])
+
+
+def test_merge_json_keys_are_all_documented(tmp_path):
+    """Issue 21, item 15: docs/cli.md's list of merge's JSON keys names every key merge --json prints."""
+    assert run_cli("demo", "--keep", tmp_path).returncode == 0
+    proc = run_cli("merge", tmp_path / "overlay.cow", "-o", tmp_path / "flat.img", "--json")
+    assert proc.returncode == 0, proc.stderr
+    printed = set(json.loads(proc.stdout))
+    text = (ROOT / "docs" / "cli.md").read_text()
+    section = text[text.index("\n## merge\n"):text.index("\n## compare\n")]
+    listed = section[section.index("**JSON** keys:"):]
+    documented = set(re.findall(r"`([a-z_]+)`", listed)) & printed
+    assert printed - {"exit_code"} <= documented, printed - documented
