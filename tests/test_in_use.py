@@ -44,11 +44,11 @@ def _refused_by(cow: Path, backing: Path) -> set[int]:
 def _info_and_check(cow: Path) -> tuple[dict, str, dict]:  # type: ignore[type-arg]
     proc = run_cli("info", "--json", cow)
     assert proc.returncode == 0, proc
-    facts = json.loads(proc.stdout)
+    facts = json.loads(proc.stdout)["disks"][0]
     human = run_cli("info", cow)
     assert human.returncode == 0, human
     check = run_cli("check", "--json", cow)
-    return facts, human.stdout.decode(), json.loads(check.stdout)
+    return facts, human.stdout.decode(), json.loads(check.stdout)["disks"][0]
 
 
 def test_info_sees_the_read_lock_of_a_read_only_serve(tmp_path: Path) -> None:

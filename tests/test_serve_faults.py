@@ -98,7 +98,7 @@ def test_refusals_before_the_server_starts(tmp_path: Path) -> None:
     _refused(_serve(cow, env={**base, **env}), "Python plugin is not installed", "apt-get install nbdkit-plugin-python")
     env = _fake_nbdkit(tmp_path / "old", "python_version=3.9.2")
     err = _refused(_serve(cow, env={**base, **env}), "Python 3.9", f"Python {ours}")
-    assert "python3.9" in err  # what to do: an interpreter of the plugin's version
+    assert "python3.9" in err and "Python 3.9 interpreter" in err  # what to do: an interpreter of the plugin's version
 
     not_cow = tmp_path / "notes.txt"
     not_cow.write_text("not a disk\n")

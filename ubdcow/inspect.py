@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,7 +61,9 @@ def backing_status(
         fd, path, st, size = open_backing(header, cow_path, cow_stat, backing)
     except BackingFileError as exc:
         status["problem"] = exc.message if exc.filename == cow_path else str(exc)
-        status["hint"] = exc.hint
+        # as a command line of info, which has --backing
+        fixes = [f.command(f"ubdcow info {shlex.quote(cow_path)}") for f in exc.fixes]
+        status["hint"] = "; ".join([*([exc.lead] if exc.lead else []), *fixes]) or None
         return status
     try:
         resolved = _opened_path(fd, path)

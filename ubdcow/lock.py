@@ -13,7 +13,7 @@ import fcntl
 import os
 import struct
 
-from .errors import ImageIOError, ImageLockedError
+from .errors import Fix, ImageIOError, ImageLockedError
 
 __all__ = ["lock", "holder", "held", "describe_holder"]
 
@@ -142,7 +142,7 @@ def lock(fd: int, filename: str | os.PathLike[str], *, exclusive: bool, what: st
     raise ImageLockedError(
         filename,
         f"{what} is locked by {describe_holder(pid)}; cannot open it for {mode}",
-        hint="a running UML guest (or another ubdcow) is using it: shut it down first, "
-        "or pass --no-lock if you are sure nothing writes it",
+        hint="a running UML guest (or another ubdcow) is using it: shut it down first",
+        fixes=(Fix("or, if you are sure nothing writes it, skip the lock", (("no_lock", None),)),),
         pid=pid,
     )

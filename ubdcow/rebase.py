@@ -23,7 +23,7 @@ import numpy as np
 from ._io import file_size, open_file, pwrite_all, read_at, same_file
 from ._result import Result
 from .create import backing_record
-from .errors import BackingFileError, BackingMismatchError, ImageIOError, UnrecordableWriteError
+from .errors import BackingFileError, BackingMismatchError, Fix, ImageIOError, UnrecordableWriteError
 from .format import SECTOR_SIZE, CowHeader
 from .image import CowFile, CowImage
 
@@ -140,11 +140,15 @@ def _safe_rebase(
     except BackingFileError as exc:
         if isinstance(exc, BackingMismatchError):
             raise
-        exc.hint = (
-            "a safe rebase reads the current backing file to keep the content: name it with --old-backing PATH "
-            "or use --unsafe if the new backing file holds the same content"
-        )
-        raise
+        raise type(exc)(
+            exc.filename,
+            exc.message,
+            hint="a safe rebase reads the current backing file to keep the content",
+            fixes=(
+                Fix("name it", (("old_backing", "PATH"),)),
+                Fix("or, if the new backing file holds the same content, only rewrite the header", (("unsafe", None),)),
+            ),
+        ) from None
     with img:
         cow_fd = img.fds[0]
         cow_stat = os.fstat(cow_fd)

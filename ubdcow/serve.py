@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 import shutil
 import signal
 import socket as _socket
@@ -75,7 +76,7 @@ def find_nbdkit() -> str:
             None,
             f"nbdkit's Python plugin embeds Python {theirs}, but ubdcow runs on Python {ours}: the packages it "
             "needs (numpy) cannot be loaded across versions",
-            hint=f"run ubdcow serve with a Python {theirs} interpreter (e.g. a virtualenv made with python{theirs})",
+            hint=f"use a Python {theirs} interpreter for ubdcow (e.g. a virtualenv made with python{theirs})",
         )
     return nbdkit
 
@@ -211,9 +212,15 @@ def _is_hex(key: bytes) -> bool:
         return False
 
 
-def run_script(command: str) -> str:
-    """The ``--run`` script: nbdkit's variables exported, then ``command`` (on its own lines)."""
-    return f"export {' '.join(RUN_VARIABLES)}\n{command}"
+def run_script(command: str, ready: str | None = None) -> str:
+    """The ``--run`` script: nbdkit's variables exported; a wait (60 s at most) for the file ``ready``, which
+    ``serve`` makes once it has said it is ready (so that its line comes before the command's output); then
+    ``command``, on its own lines."""
+    wait = ""
+    if ready is not None:
+        flag = shlex.quote(ready)
+        wait = f"i=0; while [ ! -e {flag} ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i + 1)); done; unset i\n"
+    return f"export {' '.join(RUN_VARIABLES)}\n{wait}{command}"
 
 
 def uri_of(opts: ServeOptions, socket_path: str | None) -> str:
@@ -229,7 +236,9 @@ def uri_of(opts: ServeOptions, socket_path: str | None) -> str:
     return f"{scheme}://{host}:{opts.port}"
 
 
-def nbdkit_command(nbdkit: str, opts: ServeOptions, socket_path: str | None, pidfile: str) -> list[str]:
+def nbdkit_command(
+    nbdkit: str, opts: ServeOptions, socket_path: str | None, pidfile: str, ready: str | None = None
+) -> list[str]:
     """The nbdkit command line (foreground, exits with its parent)."""
     cmd = [nbdkit, "-f", "--exit-with-parent", "-P", pidfile]
     if socket_path is not None:
@@ -242,7 +251,7 @@ def nbdkit_command(nbdkit: str, opts: ServeOptions, socket_path: str | None, pid
         cmd.append("--tls=require")
         cmd += [f"--tls-psk={opts.tls_psk}"] if opts.tls_psk else [f"--tls-certificates={opts.tls_certificates}"]
     if opts.run is not None:
-        cmd += ["--run", run_script(opts.run)]
+        cmd += ["--run", run_script(opts.run, ready)]
     cmd += opts.nbdkit_args
     cmd += ["python", PLUGIN, f"cow={os.path.abspath(opts.cow)}"]
     if opts.backing is not None:
@@ -312,7 +321,8 @@ def serve(
         elif opts.port is None:
             socket_path = os.path.join(private, "nbd.sock")
         pidfile = os.path.join(private, "nbdkit.pid")
-        cmd = nbdkit_command(nbdkit, opts, socket_path, pidfile)
+        ready = os.path.join(private, "ready")
+        cmd = nbdkit_command(nbdkit, opts, socket_path, pidfile, ready)
         proc = subprocess.Popen(cmd, env=plugin_environment())
         try:
             if not _wait_ready(proc, pidfile):
@@ -323,6 +333,8 @@ def serve(
                 socket_path = final
             if on_ready is not None:
                 on_ready(uri_of(opts, socket_path), proc.pid, socket_path)
+            with open(ready, "w"):  # --run's command may start (see run_script)
+                pass
             return proc.wait()
         finally:
             _stop(proc)

@@ -43,13 +43,13 @@ def run_demo(out: Output, keep: str | None = None) -> int:
     """Run the tour; returns 0, or 1 if a verification failed."""
     if keep:
         os.makedirs(keep, exist_ok=True)
-        return _tour(out, os.path.abspath(keep))
+        return _tour(out, os.path.abspath(keep), kept=True)
     with tempfile.TemporaryDirectory(prefix="ubdcow-demo-") as folder:
-        return _tour(out, folder)
+        return _tour(out, folder, kept=False)
 
 
-def _tour(out: Output, folder: str) -> int:
-    tour = _Tour(out, folder)
+def _tour(out: Output, folder: str, kept: bool) -> int:
+    tour = _Tour(out, folder, kept)
     as_json, out.quiet = out.json, out.quiet or out.json  # with --json, only the summary object is printed
     tour.prepare()
     tour.write()
@@ -61,9 +61,10 @@ def _tour(out: Output, folder: str) -> int:
 class _Tour:
     """The tour's files, the expected virtual disk (``model``) and the verifications so far."""
 
-    def __init__(self, out: Output, folder: str) -> None:
+    def __init__(self, out: Output, folder: str, kept: bool) -> None:
         self.out = out
         self.folder = folder
+        self.kept = kept  # False: a temporary folder, gone when the tour ends
         self.backing = os.path.join(folder, "backing.img")
         self.cow = os.path.join(folder, "overlay.cow")
         self.merged = os.path.join(folder, "merged.img")
@@ -94,7 +95,6 @@ class _Tour:
 
     def prepare(self) -> None:
         """A fresh backing image and a COW file on it."""
-        import ubdcow
 
         for stale in (self.cow, self.merged):
             if os.path.exists(stale):
@@ -179,12 +179,13 @@ class _Tour:
         """The summary (a JSON object with ``--json``); 0, or 1 if a verification failed."""
         out = self.out
         out.line()
-        if as_json:
-            out.dump({"folder": self.folder, "ok": not self.failures, "checks": self.checks})
+        if as_json:  # the folder only when it is kept (a temporary one is gone when this is read)
+            folder = self.folder if self.kept else None
+            out.document({"folder": folder, "ok": not self.failures, "checks": self.checks}, 1 if self.failures else 0)
         if self.failures:
             out.line(f"demo: VERIFICATION FAILED: {'; '.join(self.failures)}")
             return 1
-        kept = f"; the files are in {self.folder}" if "ubdcow-demo-" not in self.folder else ""
+        kept = f"; the files are in {self.folder}" if self.kept else ""
         out.line("demo: all checks passed" + kept)
         return 0
 

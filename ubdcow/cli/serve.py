@@ -92,9 +92,10 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     stream = out.stderr if args.run is not None and not out.json else out.stdout
 
     def ready(uri: str, pid: int, socket: str | None) -> None:
-        if out.json:
-            facts = {"uri": uri, "cow": args.cow, "writable": args.writable, "socket": socket, "port": args.port}
+        if out.json:  # printed while serving: the exit code is not known yet (docs/cli.md, "JSON output")
+            facts = {"disk": args.cow, "uri": uri, "writable": args.writable, "socket": socket, "port": args.port}
             print(json.dumps({**facts, "pid": pid}), file=stream, flush=True)
+            out.documented = True
         elif not out.quiet:
             mode = "writable" if args.writable else "read-only"
             print(f"serving {args.cow} ({mode}) at {uri}", file=stream, flush=True)
