@@ -331,3 +331,13 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     assert code == 0 and "%" not in terminal
     piped = run_cli("merge", tmp_path / "o.cow", "-o", tmp_path / "c.img")
     assert piped.returncode == 0 and b"%" not in piped.stderr
+
+
+def test_diff_help_speaks_of_pages_and_its_usage_errors_show_its_usage():
+    """Issue 21, item 5: diff works in 4 KiB pages, and says so; a usage error prints diff's usage."""
+    text = run_cli("diff", "--help").stdout.decode()
+    assert "4 KiB pages" in text and "the sectors that differ" not in text
+    proc = run_cli("diff", "--bogus", "a", "b", "-o", "c")
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert err.startswith("usage: ubdcow diff ") and "ubdcow diff: error: unrecognized arguments: --bogus" in err
