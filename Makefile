@@ -16,8 +16,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml setup.cfg
 	  echo "atheris could not be installed: its runs will skip (the harness targets still run via hypothesis)"; }
 	touch $@
 
-demo: $(VENV)/.installed
-	$(BIN)/python -m ubdcow demo
+# the demo needs only ubdcow and its runtime dependencies (not the test and lint extras, nor atheris)
+$(VENV)/.runtime: $(BIN)/python pyproject.toml setup.cfg
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(BIN)/ubdcow demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

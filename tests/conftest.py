@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,28 @@ def unpack_case(name: str, dest: Path) -> Case:
         paths[stem] = target
     os.utime(paths["backing.img"], (meta["mtime"], meta["mtime"]))
     return Case(name, meta, dest, paths["overlay.cow"], paths["backing.img"], paths["expected.img"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_tmpdir(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One temporary folder for the run (``TMPDIR``, which subprocesses inherit, and ``tempfile.tempdir``);
+    the run fails if a test leaves anything in it (pytest's own ``tmp_path`` folders are elsewhere)."""
+    tmp_path_factory.getbasetemp()  # fixed before TMPDIR changes: pytest keeps its last runs' folders
+    folder = tempfile.mkdtemp(prefix="ubdcow-tests-")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = folder
+    try:
+        yield folder
+    finally:
+        if saved[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+        left = sorted(os.listdir(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+        if left:
+            pytest.fail(f"the tests left files in the temporary folder ({folder}): {', '.join(left)}", pytrace=False)
 
 
 @pytest.fixture(params=[c["name"] for c in MANIFEST])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,29 @@ def test_demo_runs_and_verifies():
     assert b"all checks passed" in proc.stdout
 
 
+def test_demo_shows_each_commands_real_output(tmp_path):
+    """Issue 21, item 13: every ``$ ubdcow ...`` line the demo prints is followed by that command's own output."""
+    proc = run_cli("demo", "--keep", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.decode()
+    assert "python -m" not in text and "$ python" not in text
+    shown: list[tuple[list[str], str]] = []
+    for block in text.split("\n$ ")[1:]:
+        command, _, rest = block.partition("\n")
+        output = [line for line in re.split(r"\n\n(?:== |demo: )", rest)[0].splitlines()
+                  if not line.startswith(("   ok: ", "   FAILED: "))]
+        shown.append((shlex.split(command), "\n".join(output).rstrip("\n") + "\n"))
+    assert [words[:2] for words, _ in shown] == [["ubdcow", w] for w in ("create", "info", "map", "check", "merge")]
+    for words, output in shown[1:4]:  # info, map, check: run again, as printed, the same output
+        again = run_cli(*words[1:])
+        assert again.returncode == 0 and again.stdout.decode() == output, (words, output)
+    words, output = shown[4]  # merge: again over its own output; only the time differs
+    again = run_cli(*words[1:], "--overwrite").stdout.decode()
+    assert re.sub(r"in [0-9.]+ s$", "", again.rstrip()) == re.sub(r"in [0-9.]+ s$", "", output.rstrip())
+    words, output = shown[0]  # create last: it replaces the overlay with an empty one
+    assert run_cli(*words[1:], "--force").stdout.decode() == output
+
+
 # -- consistency across commands --------------------------------------------------
 def demo_files(tmp_path):
     assert run_cli("demo", "--keep", tmp_path).returncode == 0
@@ -157,24 +181,29 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
         proc = run_cli(*args[:1], "--json", *args[1:])
         assert proc.returncode == 0, (name, proc.stderr)
         ran.add(name)
-        # serve --run: the command owns stdout, the ready line goes to stderr
-        return json.loads(proc.stderr if name == "serve" else proc.stdout)
+        doc = json.loads(proc.stdout)  # serve too: its --json line stays on stdout with --run
+        if name in ("info", "map", "check", "compact"):  # several COW files: {"disks": [...], "exit_code"}
+            assert doc["exit_code"] == 0 and len(doc["disks"]) == 1
+            doc = doc["disks"][0]
+        return doc
 
     data = run("info")
-    assert data == {**data, **header_facts(cow), "file": str(cow), "in_use": False}
+    assert data == {**data, **header_facts(cow), "disk": str(cow), "in_use": False, "exit_code": 0}
     assert data["backing"]["path"] == str(backing) and data["backing"]["mtime_matches"] is True
-    assert data == ubdcow.info(cow) | {"file": str(cow)}
+    facts = ubdcow.info(cow)
+    assert facts.pop("file") == str(cow) and data == {"disk": str(cow), **facts, "exit_code": 0}
 
     data = run("create")
     new = tmp_path / "new.cow"
-    assert data == {**data, **header_facts(new), "file": str(new), "cow_sectors": 0, "cow_bytes": 0}
+    assert data == {**data, **header_facts(new), "disk": str(new), "cow_sectors": 0, "cow_bytes": 0, "exit_code": 0}
     assert spec.disk(new, backing) == backing.read_bytes()
 
     data = run("map")
     set_bits, zero = set(spec.bits(cow)), set(spec.hole_sectors(cow))
     h = spec.read_header(cow)
+    assert data["disk"] == str(cow) and data["exit_code"] == 0
     pos = 0
-    for e in data:
+    for e in data["extents"]:
         assert e["start"] == pos and e["length"] > 0, e
         sectors = set(range(e["start"] // 512, -(-(e["start"] + e["length"]) // 512)))
         source = {"backing": sectors.isdisjoint(set_bits), "zero": sectors <= zero,
@@ -185,20 +214,21 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
     assert pos == size and zero, "the demo's discard is a zero extent"
 
     data = run("check")
-    assert data == {**data, "file": str(cow), "status": "clean", "exit_code": 0, "findings": [], "mixed_pages": 0,
+    assert data == {**data, "disk": str(cow), "status": "clean", "exit_code": 0, "findings": [], "mixed_pages": 0,
                     "stats": {"sectors": h.sectors, "written_sectors": len(set_bits), "hole_sectors": len(zero)}}
 
     data = run("merge")
     out = tmp_path / "m2.img"
     assert out.read_bytes() == content
-    assert data == {**data, "output": str(out), "size": size, "cow_bytes": spec.cow_bytes(cow),
+    assert data == {**data, "disk": str(cow), "output": str(out), "size": size, "cow_bytes": spec.cow_bytes(cow),
                     "backing_bytes": size - spec.cow_bytes(cow),
                     "hole_bytes": sum(b - a for a, b in spec.hole_ranges(out))}
 
-    assert run("compare") == {"identical": True, "first_difference": None, "size_a": size, "size_b": size}
+    assert run("compare") == {"disk": str(cow), "against": str(merged), "identical": True, "first_difference": None,
+                              "size_a": size, "size_b": size, "exit_code": 0}
 
     data = run("rebase")
-    assert data == {**data, "file": str(cow), "backing_file": os.path.realpath(spare), "size": size,
+    assert data == {**data, "disk": str(cow), "backing_file": os.path.realpath(spare), "size": size,
                     "mtime": int(spare.stat().st_mtime), "copied_sectors": 0, "unsafe": False}
     assert spec.read_header(cow).backing_file == os.path.realpath(spare)
     assert spec.disk(cow, spare) == content
@@ -206,23 +236,24 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
     data = run("diff")
     pages = differing_pages(backing.read_bytes(), content)
     zero_pages = [p for p in pages if not any(content[4096 * p : 4096 * p + 4096])]
-    assert data == {**data, "output": str(tmp_path / "d.cow"), "size": size, "pages": len(pages),
+    assert data == {**data, "disk": str(merged), "against": str(backing), "output": str(tmp_path / "d.cow"),
+                    "size": size, "pages": len(pages),
                     "sectors": 8 * len(pages), "zero_sectors": 8 * len(zero_pages)}
     assert spec.disk(tmp_path / "d.cow", backing) == content
 
     data = run("convert")
     converted = tmp_path / "c.cow"
-    assert data == {**data, "output": str(converted), "layout": "v2", "source_layout": "v3",
+    assert data == {**data, "disk": str(cow), "output": str(converted), "layout": "v2", "source_layout": "v3",
                     "sectors": len(set_bits), "mixed_pages": 0, "filled_pages": 0}
     assert spec.read_header(converted).layout == "v2" and spec.disk(converted, spare) == content
 
     if "serve" in json_ready(calls):
         data = run("serve")
-        assert data["cow"] == str(cow) and data["writable"] is False and data["uri"].startswith("nbd+unix")
+        assert data["disk"] == str(cow) and data["writable"] is False and data["uri"].startswith("nbd+unix")
 
     data = run("du")
     cows = sorted(p for p in tmp_path.iterdir() if p.is_file() and p.read_bytes()[:4] in (b"OOOM", b"MOOO"))
-    files = {f["path"]: (g, f) for g in data["groups"] for f in g["files"]}
+    files = {f["disk"]: (g, f) for g in data["groups"] for f in g["files"]}
     assert sorted(os.path.realpath(tmp_path / p) for p in files) == [str(p) for p in cows]
     for path, (group, f) in files.items():
         st = (tmp_path / path).stat()
@@ -233,7 +264,7 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
 
     before = cow.stat().st_blocks * 512
     data = run("compact")
-    assert data == {**data, "file": str(cow), "dry_run": False, "allocated_before": before,
+    assert data == {**data, "disk": str(cow), "dry_run": False, "allocated_before": before,
                     "allocated_after": cow.stat().st_blocks * 512, "mixed_pages": 0}
     assert data["reclaimed_bytes"] == data["allocated_before"] - data["allocated_after"]
     assert spec.disk(cow, spare) == content
@@ -300,3 +331,13 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     assert code == 0 and "%" not in terminal
     piped = run_cli("merge", tmp_path / "o.cow", "-o", tmp_path / "c.img")
     assert piped.returncode == 0 and b"%" not in piped.stderr
+
+
+def test_diff_help_speaks_of_pages_and_its_usage_errors_show_its_usage():
+    """Issue 21, item 5: diff works in 4 KiB pages, and says so; a usage error prints diff's usage."""
+    text = run_cli("diff", "--help").stdout.decode()
+    assert "4 KiB pages" in text and "the sectors that differ" not in text
+    proc = run_cli("diff", "--bogus", "a", "b", "-o", "c")
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert err.startswith("usage: ubdcow diff ") and "ubdcow diff: error: unrecognized arguments: --bogus" in err

@@ -211,9 +211,10 @@ def test_compact_cli_human_and_json(tmp_path):
     lab = build(tmp_path)
     proc = run_cli("compact", "--json", lab.cow)
     assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
-    assert isinstance(data, dict)
-    assert data["file"] == str(lab.cow) and data["pages_returned"] == 25 and data["pages_punched"] == 12
+    doc = json.loads(proc.stdout)
+    assert set(doc) == {"disks", "exit_code"} and doc["exit_code"] == 0 and len(doc["disks"]) == 1
+    data = doc["disks"][0]
+    assert data["disk"] == str(lab.cow) and data["pages_returned"] == 25 and data["pages_punched"] == 12
     assert data["allocated_after"] == allocated(lab.cow)
     assert data["reclaimed_bytes"] == data["allocated_before"] - data["allocated_after"] > 0
     lab2 = build(tmp_path / "two", seed=2)
@@ -225,7 +226,7 @@ def test_compact_cli_human_and_json(tmp_path):
     assert text == [
         f"{lab2.cow}: {before} allocated before, {after} after ({before - after} reclaimed): 25 pages returned to "
         "the backing file, 12 pages of zeros punched, 12 unused pages punched, 10000 past the data area cut",
-        f"note: 12 mixed pages left as they are; ubdcow check --repair {lab2.cow} makes them whole",
+        f"note: 12 mixed pages left as they are; to make them whole: ubdcow check {lab2.cow} --repair",
     ]
     again = run_cli("compact", "--bytes", lab2.cow).stdout.decode().splitlines()[0]
     assert again.endswith(f"{after} allocated before, {after} after (0 reclaimed): 0 pages returned to the backing "
@@ -255,7 +256,7 @@ def test_refuses_a_missing_or_mismatched_backing_file_and_changes_nothing(tmp_pa
     proc = run_cli("compact", lab.cow)
     assert proc.returncode == 1
     assert_one_line_error(proc, str(lab.cow), "not found")
-    assert b"hint: if it moved, name it with --backing PATH" in proc.stderr
+    assert f"hint: if it moved, name it: ubdcow compact {lab.cow} --backing PATH".encode() in proc.stderr
     os.rename(moved, lab.backing)
     mtime = os.stat(lab.backing).st_mtime
     os.utime(lab.backing, (mtime + 100, mtime + 100))
@@ -354,10 +355,11 @@ def test_several_files_each_processed_worst_exit_code(tmp_path):
     assert disk_bytes(good.cow) == good.model and disk_bytes(other.cow) == other.model
     assert honoured(good.cow).sum() < 8 * 80  # compacted
     proc = run_cli("compact", "--json", "--dry-run", good.cow, missing)
-    data = json.loads(proc.stdout)
-    assert proc.returncode == 1 and isinstance(data, list) and len(data) == 2
-    assert data[0]["file"] == str(good.cow) and data[0]["pages_returned"] == 0
-    assert data[1]["file"] == str(missing) and data[1]["exit_code"] == 1 and "No such file" in data[1]["error"]
+    doc = json.loads(proc.stdout)
+    data = doc["disks"]
+    assert proc.returncode == doc["exit_code"] == 1 and len(data) == 2
+    assert data[0]["disk"] == str(good.cow) and data[0]["pages_returned"] == 0 and data[0]["exit_code"] == 0
+    assert data[1]["disk"] == str(missing) and data[1]["exit_code"] == 1 and "No such file" in data[1]["error"]
     proc = run_cli("compact", "--quiet", good.cow, other.cow)
     assert proc.returncode == 0 and proc.stdout == b""
 

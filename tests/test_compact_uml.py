@@ -80,7 +80,7 @@ def test_compact_gives_back_what_the_guest_rewrote_and_the_guest_reads_every_fil
     allocated_before = os.stat(overlay).st_blocks * 512
     proc = run_cli("compact", "--json", overlay)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    result = json.loads(proc.stdout)["disks"][0]
     rewritten = sum(-(-len(tree[rel]) // PAGE) * PAGE for rel in copied) + zero_pages * PAGE
     print(f"OBSERVED: rewritten {rewritten} bytes; compact: {allocated_before} -> {result['allocated_after']} "
           f"allocated, {result['pages_returned']} pages returned, {result['pages_punched']} punched, "

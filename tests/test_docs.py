@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import test_oracle_model as spec
 from conftest import run_cli
+
+from ubdcow.cli.app import build_parser
 
 ROOT = Path(__file__).parent.parent
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
@@ -73,4 +77,46 @@ def test_readme_quick_start_commands_exist():
     for target in ("demo", "test"):
         assert f"make {target}" in readme
         assert re.search(rf"^{target}:", makefile, re.M)
-    assert "python -m ubdcow demo" in makefile
+    assert "/ubdcow demo" in makefile
+
+
+def test_readme_qcow2_line_backs_holes():
+    """Issue 21, item 9: a thin qcow2 needs --backing-holes (docs/serve.md), so the README's line has it."""
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if "convert -O qcow2" in line]
+    assert lines and all("--backing-holes" in line and "-B " in line for line in lines), lines
+
+
+def test_serve_docs_say_what_agrees_with_map():
+    """Issue 21, item 10: NBD's extents are not map's ranges; the docs say what agrees, and name the test."""
+    text = (ROOT / "docs" / "serve.md").read_text()
+    assert "They agree with `ubdcow map`" not in text
+    assert "map's `zero` extents plus the holes of the\n  backing file" in text
+    for test in re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", text):
+        assert f"def {test[1]}(" in (ROOT / test[0]).read_text(), test
+
+
+def test_readme_says_how_to_run_the_installed_command_line():
+    """Issue 21, item 11: the README's command lines name the installed ubdcow, and say where it is."""
+    readme = (ROOT / "README.md").read_text()
+    assert ".venv/bin/ubdcow" in readme and ". .venv/bin/activate" in readme
+    block = readme[readme.index("## The command line in twelve lines"):readme.index("## The library")]
+    commands = [line.strip() for line in block.splitlines() if line.startswith("    ")]
+    assert len(commands) == 13 and all(line.startswith("ubdcow ") for line in commands), commands
+    assert "python -m ubdcow" not in block
+    parser = build_parser()
+    for line in commands:  # each parses with the real parser (the shell's quoting and pipes aside)
+        words = shlex.split(line.split("#")[0].split("|")[0])
+        parser.parse_args(words[1:])
+
+
+def test_merge_json_keys_are_all_documented(tmp_path):
+    """Issue 21, item 15: docs/cli.md's list of merge's JSON keys names every key merge --json prints."""
+    assert run_cli("demo", "--keep", tmp_path).returncode == 0
+    proc = run_cli("merge", tmp_path / "overlay.cow", "-o", tmp_path / "flat.img", "--json")
+    assert proc.returncode == 0, proc.stderr
+    printed = set(json.loads(proc.stdout))
+    text = (ROOT / "docs" / "cli.md").read_text()
+    section = text[text.index("\n## merge\n"):text.index("\n## compare\n")]
+    listed = section[section.index("**JSON** keys:"):]
+    documented = set(re.findall(r"`([a-z_]+)`", listed)) & printed
+    assert printed - {"exit_code"} <= documented, printed - documented

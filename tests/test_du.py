@@ -114,11 +114,11 @@ def test_du_totals_are_the_sums_of_each_files_info(lab: Lab) -> None:
     assert err.splitlines() == [f"ubdcow: {lab.broken}: header truncated: the file is only 28 bytes"]
     assert report["unreadable"] == [{"path": str(lab.broken), "error": err.splitlines()[0][len("ubdcow: "):]}]
     facts = {real(p): ubdcow.info(p) for p in lab.overlays}
-    listed = [real(f["path"]) for g in report["groups"] for f in g["files"]]
+    listed = [real(f["disk"]) for g in report["groups"] for f in g["files"]]
     assert sorted(listed) == sorted(facts)  # every overlay once; nothing else
     assert report["overlays"] == len(lab.overlays) == 58
     for g in report["groups"]:
-        members = [facts[real(f["path"])] for f in g["files"]]
+        members = [facts[real(f["disk"])] for f in g["files"]]
         assert g["overlays"] == len(members)
         assert g["overlays_allocated"] == sum(m["allocated_size"] for m in members)
         assert g["overlays_apparent"] == sum(m["apparent_size"] for m in members)
@@ -127,7 +127,7 @@ def test_du_totals_are_the_sums_of_each_files_info(lab: Lab) -> None:
         assert reasons == {g["reason"]}, (g["backing"], reasons)
         assert g["boots"] == (g["reason"] is None)
         for f in g["files"]:
-            m = facts[real(f["path"])]
+            m = facts[real(f["disk"])]
             assert (f["allocated_size"], f["apparent_size"], f["size"]) == (
                 m["allocated_size"], m["apparent_size"], m["size"])
             assert f["reason"] == expected_reason(m)
@@ -199,7 +199,7 @@ def test_du_written_counts_the_set_bits(lab: Lab) -> None:
     _, report, _ = run_json("--written", lab.root)
     for g in report["groups"]:
         for f in g["files"]:
-            assert f["written_bytes"] == ubdcow.info(f["path"])["cow_bytes"]
+            assert f["written_bytes"] == ubdcow.info(f["disk"])["cow_bytes"]
         assert g["written_bytes"] == sum(f["written_bytes"] for f in g["files"])
     assert sum(g["written_bytes"] for g in report["groups"]) > 0
     text = run_cli("du", "--written", "--bytes", lab.root).stdout.decode()
@@ -223,7 +223,7 @@ def test_du_paths_files_folders_default_and_each_file_once(lab: Lab) -> None:
     vms = lab.root / "vms"
     code, here, _ = run_json(cwd=vms / "group2")  # default: the current folder
     assert code == 0
-    assert sorted(f["path"] for g in here["groups"] for f in g["files"]) == sorted(
+    assert sorted(f["disk"] for g in here["groups"] for f in g["files"]) == sorted(
         f"./{p.name}" for p in lab.overlays if p.parent == vms / "group2")
     one = lab.overlays[20]
     assert one.parent == vms / "group2"

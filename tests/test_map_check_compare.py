@@ -116,12 +116,14 @@ def check_cli(cow: Path, *args: Any, real: bool = False) -> dict[str, Any]:
     """``check --json``: well-formed findings, exit code = the report's, and the same as the library's."""
     proc = cli("check", cow, "--json", *args, real=real)
     assert proc.stderr == b"", proc.stderr
-    data = json.loads(proc.stdout)
+    doc = json.loads(proc.stdout)
+    assert set(doc) == {"disks", "exit_code"} and len(doc["disks"]) == 1 and doc["exit_code"] == proc.returncode
+    data = doc["disks"][0]
     assert set(data) == {
-        "file", "status", "exit_code", "findings", "stats", "mixed_pages", "mixed_page_offsets", "repaired_pages"
+        "disk", "status", "exit_code", "findings", "stats", "mixed_pages", "mixed_page_offsets", "repaired_pages"
     }
     assert data["mixed_pages"] >= len(data["mixed_page_offsets"]) and len(data["mixed_page_offsets"]) <= 16
-    assert data["file"] == str(cow)
+    assert data["disk"] == str(cow)
     assert proc.returncode == data["exit_code"]
     assert data["status"] == {0: "clean", 2: "corrupt", 3: "backing-mismatch"}[data["exit_code"]]
     for f in data["findings"]:
@@ -130,7 +132,7 @@ def check_cli(cow: Path, *args: Any, real: bool = False) -> dict[str, Any]:
         assert f["message"] and "\n" not in f["message"] and f["message"] == f["message"].strip(), f
     backing = args[args.index("--backing") + 1] if "--backing" in args else None
     lib = check(cow, backing=backing).as_dict()
-    assert lib == data
+    assert lib.pop("file") == data["disk"] and {"disk": data["disk"], **lib} == data
     return data
 
 
@@ -192,7 +194,8 @@ def test_map_of_every_case_is_the_manifests_effective_extents(case):
 def test_map_cli_json_is_map_image(case):
     proc = cli("map", case.cow, "--json")
     assert proc.returncode == 0 and proc.stderr == b""
-    assert json.loads(proc.stdout) == map_image(case.cow)
+    assert json.loads(proc.stdout) == {"disks": [{"disk": str(case.cow), "extents": map_image(case.cow), "exit_code": 0}],
+                                       "exit_code": 0}
 
 
 def fs_punches_holes(folder: Path) -> bool:
@@ -274,7 +277,7 @@ def test_map_of_discarded_sectors_is_zero_runs_at_cow_file_offsets(unpack):
     assert covered == sorted(s for a, n in meta["effective_extents"] for s in range(a, a + n))
     # and the CLI says the same
     proc = cli("map", c.cow, "--json", real=True)
-    assert proc.returncode == 0 and proc.stderr == b"" and json.loads(proc.stdout) == extents
+    assert proc.returncode == 0 and proc.stderr == b"" and json.loads(proc.stdout)["disks"][0]["extents"] == extents
 
 
 TABLE_ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(cow|zero|backing)\s+(\d+)$")
@@ -380,7 +383,9 @@ def test_check_human_output(unpack):
         "file), at byte offsets 0, 4096, 24576, 49152, ...: the Linux ubd driver returns wrong data for the pages "
         "after a mixed page in a multi-page read, so a guest's filesystem can see corrupt data [mixed-pages]",
         f"{c.cow}: clean (the warnings above do not make it corrupt)",
-        f"hint: make the mixed pages whole (the content stays the same): ubdcow check --repair {c.cow}",
+        # the user's --backing is kept (issue 21, item 2)
+        f"hint: make the mixed pages whole (the content stays the same): ubdcow check {c.cow} --backing {c.backing} "
+        "--repair",
     ]
     t = unpack("v1-rounding-tail")
     proc = cli("check", t.cow, "--backing", t.backing, real=True)
@@ -389,7 +394,8 @@ def test_check_human_output(unpack):
     assert lines[0].startswith("4 of 1954 sectors written")  # 1948-1951; 1952-1953 have no bit
     assert lines[-2:] == [
         f"{t.cow}: corruption found",
-        f"hint: make the mixed pages whole (the content stays the same): ubdcow check --repair {t.cow}",
+        f"hint: make the mixed pages whole (the content stays the same): ubdcow check {t.cow} --backing {t.backing} "
+        "--repair",
     ]
     found = [FINDING_LINE.match(line) for line in lines[1:-2]]
     assert all(found), lines
@@ -695,7 +701,11 @@ def test_check_cannot_run_exit_1(unpack, tmp_path, what):
     for json_flag in ((), ("--json",)):
         proc = cli("check", target, *json_flag, real=not json_flag)
         assert proc.returncode == 1
-        assert proc.stdout == b""
+        if json_flag:  # the JSON document: this disk's error (docs/cli.md, "JSON output")
+            (element,) = json.loads(proc.stdout)["disks"]
+            assert element["disk"] == str(target) and element["exit_code"] == 1 and element["error"]
+        else:
+            assert proc.stdout == b""
         assert_one_line_error(proc, str(target))
     with pytest.raises(ubdcow.UbdCowError):
         check(target)
@@ -934,16 +944,20 @@ def test_compare_json(big_pair):
     cow, raw, _, _ = big_pair
     proc = cli("compare", cow, raw, "--json")
     assert proc.returncode == 0
-    assert json.loads(proc.stdout) == {"identical": True, "first_difference": None, "size_a": BIG, "size_b": BIG}
+    assert json.loads(proc.stdout) == {"disk": str(cow), "against": str(raw), "identical": True,
+                                       "first_difference": None, "size_a": BIG, "size_b": BIG, "exit_code": 0}
     old = flip(raw, WINDOW + 1)
     try:
         proc = cli("compare", raw, cow, "--json")
         assert proc.returncode == 1
         assert json.loads(proc.stdout) == {
+            "disk": str(raw),
+            "against": str(cow),
             "identical": False,
             "first_difference": WINDOW + 1,
             "size_a": BIG,
             "size_b": BIG,
+            "exit_code": 1,
         }
     finally:
         unflip(raw, WINDOW + 1, old)
@@ -968,10 +982,13 @@ def test_compare_different_sizes(tmp_path, unpack):
         proc = cli("compare", a, b, "--json", *kw)
         assert proc.returncode == 1
         assert json.loads(proc.stdout) == {
+            "disk": str(a),
+            "against": str(b),
             "identical": False,
             "first_difference": min(sa, sb),
             "size_a": sa,
             "size_b": sb,
+            "exit_code": 1,
         }
     # a difference before the shorter one ends is reported as such
     changed = bytearray(c.expected_bytes[:-1])
@@ -1098,5 +1115,9 @@ def test_compare_errors_are_exit_2_and_one_line(unpack, tmp_path, what):
     for extra in ((), ("--json",)):
         proc = cli("compare", *args, *extra, real=not extra)
         assert proc.returncode == 2
-        assert proc.stdout == b""
+        if extra:  # the JSON error document
+            doc = json.loads(proc.stdout)
+            assert set(doc) == {"error", "hint", "exit_code"} and doc["exit_code"] == 2 and needle in doc["error"]
+        else:
+            assert proc.stdout == b""
         assert_one_line_error(proc, needle)

@@ -46,3 +46,40 @@ def test_wheel_and_sdist_install_into_a_clean_venv_and_run_the_demo(tmp_path):
         assert "all checks passed" in demo.stdout
         version = subprocess.run([str(venv / "bin" / "ubdcow"), "--version"], capture_output=True, text=True)
         assert version.stdout.strip() == f"ubdcow {ubdcow.__version__}"
+
+
+def test_python_m_ubdcow_without_its_dependencies_says_what_to_do_in_one_line(tmp_path):
+    """Issue 21, item 11: the source folder run by a Python that lacks construct and numpy: one line, exit 1."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=300)
+    python = bare / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import construct"], capture_output=True)
+    assert probe.returncode != 0  # a Python without ubdcow's dependencies
+    for cwd, env in ((ROOT, None), (tmp_path, {"PYTHONPATH": str(ROOT)})):
+        proc = subprocess.run([str(python), "-m", "ubdcow", "info", "overlay.cow"], cwd=cwd, capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("ubdcow: the Python packages construct, numpy, tqdm that ubdcow needs are not "
+                                   f"installed for {python}")
+        assert ".venv/bin/ubdcow" in lines[0] and "pip install ." in lines[0]
+    # imported as a library, it is an ImportError with the same words
+    proc = subprocess.run([str(python), "-c", "import ubdcow"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "ImportError: the Python packages construct" in proc.stderr
+
+
+@pytest.mark.slow
+def test_make_demo_installs_only_what_the_library_needs(tmp_path):
+    """Issue 21, item 12: make demo installs ubdcow and its runtime dependencies, not the test and lint extras."""
+    venv = tmp_path / "venv"
+    proc = subprocess.run(["make", "-C", str(ROOT), "demo", f"VENV={venv}", f"PYTHON={sys.executable}"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "demo: all checks passed" in proc.stdout
+    listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
+                            capture_output=True, text=True, check=True).stdout.lower()
+    names = {line.split("==")[0] for line in listed.splitlines()}
+    assert {"ubdcow", "construct", "numpy", "tqdm"} <= names
+    assert not names & {"pytest", "hypothesis", "pytest-benchmark", "build", "ruff", "mypy", "atheris"}, names

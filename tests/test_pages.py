@@ -160,12 +160,12 @@ def test_check_repair_makes_every_page_whole_keeping_the_content(unpack, name):
     mixed = model_mixed(before_bits)
     assert mixed, "every case here has mixed pages (the kernel made them)"
     backing_before = stamp(c.backing)
-    report = json.loads(run_cli("check", c.cow, "--backing", c.backing, "--json").stdout)
+    report = json.loads(run_cli("check", c.cow, "--backing", c.backing, "--json").stdout)["disks"][0]
     assert (report["mixed_pages"], report["mixed_page_offsets"]) == (len(mixed), [PAGE * p for p in mixed[:16]])
 
     proc = run_cli("check", "--repair", c.cow, "--backing", c.backing, "--json")
     assert proc.returncode == (2 if name == "v1-rounding-tail" else 0), proc.stderr
-    after = json.loads(proc.stdout)
+    after = json.loads(proc.stdout)["disks"][0]
     assert (after["repaired_pages"], after["mixed_pages"], after["mixed_page_offsets"]) == (len(mixed), 0, [])
     assert "mixed-pages" not in {f["code"] for f in after["findings"]}
     bits = honoured(c.cow)
@@ -337,7 +337,7 @@ def test_convert_without_a_usable_backing_file_keeps_the_pages_and_warns_once(un
     assert proc.returncode == 0
     err = proc.stderr.decode().splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: {out}: 6 mixed pages carried over as they are"), err
-    assert "not found" in err[0] and f"ubdcow check --repair {out}" in err[0]
+    assert "not found" in err[0] and f"make them whole: ubdcow check {out} --repair" in err[0]
     assert (honoured(out) == honoured(c.cow)).all()
     assert disk_bytes(out, c.backing) == c.expected_bytes
     result = ubdcow.convert(c.cow, c.dir / "as-is-2.cow")

@@ -329,7 +329,7 @@ def test_guest_odirect_sector_writes_are_repaired_by_check(lab: Lab) -> None:
         len(expected), expected[:16], 0)
     proc = run_cli("check", "--json", cow)
     assert proc.returncode == 0, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
-    assert json.loads(proc.stdout)["mixed_pages"] == len(expected)
+    assert json.loads(proc.stdout)["disks"][0]["mixed_pages"] == len(expected)
     proc = run_cli("check", cow)
     out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, out

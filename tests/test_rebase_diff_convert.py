@@ -333,13 +333,14 @@ def test_safe_rebase_onto_modified_copy_keeps_the_content(tmp_path, seed, size):
 
     out = json.loads(cli_ok("rebase", cow, "--backing", new, "--json"))
     assert out["unsafe"] is False
-    assert out["copied_sectors"] == len(differ - set_before)
+    assert out["differing_sectors"] == len(differ - set_before)
     h = spec.read_header(cow)
     assert (h.layout, h.backing_file, h.mtime, h.size) == ("v3", os.path.realpath(new), OTHER_MTIME, size)
     assert out["backing_file"] == h.backing_file and out["mtime"] == OTHER_MTIME
     assert not mixed_pages(cow)
     grown = set_before | pages_of(differ, nsect)
     assert honoured_bits(cow) == grown, "the set bits must grow by exactly the pages of the copied sectors"
+    assert out["copied_sectors"] == len(grown - set_before) > out["differing_sectors"]  # what was written
     assert_same(virtual_disk(cow), content_before, "the virtual disk after the rebase")
     assert stamp(old) == old_stamp, "the old backing file changed"
     assert new.read_bytes() == new_bytes and new.stat().st_mtime == OTHER_MTIME
@@ -353,7 +354,7 @@ def test_safe_rebase_of_identical_copy_copies_nothing(tmp_path):
     new = tmp_path / "copy.img"
     shutil.copyfile(old, new)
     out = json.loads(cli_ok("rebase", cow, "--backing", new, "--json"))
-    assert out["copied_sectors"] == 0
+    assert out["copied_sectors"] == out["differing_sectors"] == 0
     assert honoured_bits(cow) == bits
     assert cow.read_bytes()[spec.read_header(cow).data_offset :] == data_before
     assert spec.read_header(cow).backing_file == os.path.realpath(new)
@@ -385,7 +386,8 @@ def test_safe_rebase_of_v1_file_with_the_rounding_bug(unpack):
     original = c.cow.read_bytes()
     h0 = spec.read_header(c.cow)
     out = json.loads(cli_ok("rebase", c.cow, "--backing", good, "--old-backing", c.backing, "--json"))
-    assert out["copied_sectors"] == 11  # 1949 is already in the COW file
+    assert out["differing_sectors"] == 11  # 1949 is already in the COW file
+    assert out["copied_sectors"] == len(set(range(8, 24)) - honoured)  # the whole pages 1 and 2 were written
     # the mixed page 243 (1948-1951 written by the kernel) was made whole from the old backing file
     assert (out["filled_pages"], mixed_pages(c.cow)) == (1, [])
     h = spec.read_header(c.cow)
@@ -840,3 +842,19 @@ def test_convert_refuses_a_path_too_long_for_v1(tmp_path):
     assert spec.read_header(tmp_path / "v2.cow").backing_file == recorded
     assert_same(virtual_disk(tmp_path / "v2.cow"), virtual_disk(cow), "v2 content")
 
+
+
+def test_safe_rebase_reports_the_sectors_it_wrote_not_only_those_that_differ(tmp_path):
+    """Issue 21, item 4: one differing sector makes a whole 4 KiB page written; the report says 8, not 1."""
+    assert run_cli("demo", "--keep", tmp_path).returncode == 0
+    cow, old = tmp_path / "overlay.cow", tmp_path / "backing.img"
+    new = tmp_path / "new.img"
+    data = bytearray(old.read_bytes())
+    data[3 * 4096 + 512 + 7] ^= 0xFF  # one sector of page 3, which the overlay does not hold
+    new.write_bytes(data)
+    assert not (honoured_bits(cow) & set(range(24, 32)))
+    before = len(honoured_bits(cow))
+    text = cli_ok("rebase", cow, "--backing", new)
+    after = len(honoured_bits(cow))
+    assert after - before == 8
+    assert "; 8 sectors copied in to keep the content (the whole 4 KiB pages around 1 differing sector)" in text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -97,7 +98,7 @@ def test_refusals_before_the_server_starts(tmp_path: Path) -> None:
     _refused(_serve(cow, env={**base, **env}), "Python plugin is not installed", "apt-get install nbdkit-plugin-python")
     env = _fake_nbdkit(tmp_path / "old", "python_version=3.9.2")
     err = _refused(_serve(cow, env={**base, **env}), "Python 3.9", f"Python {ours}")
-    assert "python3.9" in err  # what to do: an interpreter of the plugin's version
+    assert "python3.9" in err and "Python 3.9 interpreter" in err  # what to do: an interpreter of the plugin's version
 
     not_cow = tmp_path / "notes.txt"
     not_cow.write_text("not a disk\n")
@@ -120,7 +121,11 @@ def test_refusals_before_the_server_starts(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         _refused(_serve(cow, "--force", "--port", str(port), env=base), f"port {port}", "not free")
-    _refused(_serve(cow, "--bind", "0.0.0.0", env=base), "--bind needs --port")
+    for bind in ("0.0.0.0", "127.0.0.1"):  # a usage error (exit 2), whatever the address: never ignored
+        usage = _serve(cow, "--bind", bind, env=base)
+        assert usage.returncode == 2 and usage.stdout == "", usage
+        assert usage.stderr.startswith("usage: ubdcow serve ") and usage.stderr.splitlines()[-1] == (
+            "ubdcow serve: error: --bind needs --port (without --port the disk is served on a Unix socket)")
     usage = _serve(cow, "--socket", taken, "--port", "10809", env=base)
     assert usage.returncode == 2 and "not allowed with" in usage.stderr
     assert list(tmp.iterdir()) == [], "serve left files in TMPDIR"
@@ -370,3 +375,113 @@ def test_extents_one_at_a_time_merge_kinds_and_scan_a_bounded_range(tmp_path: Pa
         assert reply[0][0] == 0 and sum(n for _, n, _ in reply) == EXTENTS_SCAN
     finally:
         export.close()
+
+
+# -- TLS, --run's variables, the docs' recipes (issue 21, items 6, 8, 9; issue 20, item 4) ---------------------
+DOCS = Path(__file__).parent.parent / "docs" / "serve.md"
+
+
+def _doc_block(needle: str) -> str:
+    """The ```sh block of docs/serve.md that holds ``needle``."""
+    blocks = re.findall(r"```sh\n(.*?)```", DOCS.read_text(), re.S)
+    found = [b for b in blocks if needle in b]
+    assert len(found) == 1, (needle, len(found))
+    return found[0]
+
+
+def _ubdcow_on_path(folder: Path) -> dict[str, str]:
+    """A PATH whose ``ubdcow`` is this checkout's, run by this interpreter (as the docs' recipes call it)."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "ubdcow"
+    root = Path(__file__).parent.parent
+    script.write_text(f'#!/bin/sh\nPYTHONPATH={root} exec {sys.executable} -m ubdcow "$@"\n')
+    script.chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_tls_options_are_checked_before_nbdkit_starts(tmp_path: Path) -> None:
+    require_nbd("nbdkit")
+    cow, _, _ = _image(tmp_path)
+    err = _refused(_serve(cow, "--tls-psk", tmp_path / "nonexist.psk"), "nonexist.psk", "cannot read the TLS PSK file",
+                   "No such file or directory")
+    assert err.startswith(f"ubdcow: {tmp_path / 'nonexist.psk'}: ")
+    bad = tmp_path / "bad.psk"
+    bad.write_text("alice:not-hex\n")
+    _refused(_serve(cow, "--tls-psk", bad), str(bad), "no USERNAME:HEXKEY line", "psktool")
+    empty = tmp_path / "certs"
+    empty.mkdir()
+    err = _refused(_serve(cow, "--tls-certificates", empty), str(empty), "ca-cert.pem, server-cert.pem, server-key.pem")
+    assert "--tls-certificates" not in err  # nbdkit's "set --tls-certificates" lines never show
+    (empty / "ca-cert.pem").write_text("x")
+    _refused(_serve(cow, "--tls-certificates", empty), "lacks server-cert.pem, server-key.pem")
+    _refused(_serve(cow, "--tls-certificates", tmp_path / "nowhere"), "does not exist")
+
+
+def test_tls_psk_client_recipe_of_the_docs(tmp_path: Path) -> None:
+    require_nbd("nbdkit", "nbdinfo")
+    require_tool("openssl", "openssl")
+    cow, _, _ = _image(tmp_path)
+    os.rename(cow, tmp_path / "pc1.disk")
+    block = _doc_block("tls-psk-file=keys.psk")
+    env = dict(os.environ, **_ubdcow_on_path(tmp_path / "bin"))
+    proc = subprocess.run(["sh", "-ec", block], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "export-size: 4194304" in proc.stdout and "newstyle-fixed with TLS" in proc.stdout, proc.stdout
+    # and $uri alone carries no credentials: the failure the docs describe
+    proc = _serve(tmp_path / "pc1.disk", "--tls-psk", tmp_path / "keys.psk", "--run", 'nbdinfo "$uri"')
+    assert proc.returncode != 0 and "Insufficient credentials" in proc.stderr, proc.stderr
+
+
+def test_run_exports_nbdkits_variables_to_a_script(tmp_path: Path) -> None:
+    require_nbd("nbdkit", "nbdinfo")
+    cow, _, _ = _image(tmp_path)
+    look = tmp_path / "look.sh"
+    look.write_text('#!/bin/sh\nset -e\nenv | grep -E "^(uri|nbd|unixsocket|port|tls|exportname)=" | sort > vars.txt\n'
+                    'sh -c \'nbdinfo --size "$uri"\'\n')  # and a grandchild sees them too
+    look.chmod(0o755)
+    proc = subprocess.run(ubdcow_cmd("serve", cow, "--run", "./look.sh"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(4 << 20)
+    found = dict(line.split("=", 1) for line in (tmp_path / "vars.txt").read_text().splitlines())
+    assert found["uri"].startswith("nbd+unix://") and found["uri"] == found["nbd"]
+    assert found["uri"].endswith("?socket=" + found["unixsocket"]) and found["unixsocket"].endswith("nbd.sock")
+    assert found.get("port", "") == "" and found.get("exportname", "") == ""
+    # the docs' script recipe
+    os.rename(cow, tmp_path / "pc1.disk")
+    env = dict(os.environ, **_ubdcow_on_path(tmp_path / "bin"))
+    proc = subprocess.run(["sh", "-ec", _doc_block("./look.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(4 << 20), proc
+
+
+def test_docs_nbdfuse_recipe_gives_up_when_nbdfuse_fails(tmp_path: Path) -> None:
+    require_nbd("nbdkit")
+    cow, _, _ = _image(tmp_path)
+    os.rename(cow, tmp_path / "pc1.disk")
+    bin_dir = tmp_path / "bin"
+    env = dict(os.environ, **_ubdcow_on_path(bin_dir))
+    fake = bin_dir / "nbdfuse"
+    fake.write_text("#!/bin/sh\necho 'nbdfuse: fuse: device not found' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    for needle in ("nbdfuse -r fuse/disk", "nbdfuse fuse/disk"):
+        t0 = time.monotonic()
+        proc = subprocess.run(["sh", "-ec", _doc_block(needle)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, env=env)
+        assert proc.returncode == 1 and "nbdfuse failed" in proc.stderr, proc
+        assert time.monotonic() - t0 < 30
+
+
+def test_serve_exit_codes_as_documented(tmp_path: Path) -> None:
+    """Without --run: 143 for SIGTERM (Ctrl-C's 130 is above), 0 when nbdkit itself is told to stop."""
+    require_nbd("nbdkit")
+    cow, _, _ = _image(tmp_path)
+    with Server(cow, tmp_path) as server:
+        assert server.stop(signal.SIGTERM) == 143
+    with Server(cow, tmp_path) as server:
+        assert server.proc is not None
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        nbdkit = [int(c) for c in children if Path(f"/proc/{c}/comm").read_text().strip() == "nbdkit"]
+        assert len(nbdkit) == 1
+        os.kill(nbdkit[0], signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0

@@ -60,8 +60,10 @@ def test_check_exit_code_is_the_worst_of_the_files(files, names, code):
     assert len(verdicts) == len(names) - len(unusable)  # one verdict line per file that could be checked
     err = [line for line in proc.stderr.decode().splitlines() if line.startswith("ubdcow: ")]
     assert err == [next(x for x in err if str(files[n]) in x) for n in unusable]
-    data = json.loads(run_cli("check", "--json", *paths).stdout)
-    assert [d["file"] for d in data] == [str(p) for p in paths]
+    doc = json.loads(run_cli("check", "--json", *paths).stdout)
+    assert doc["exit_code"] == code
+    data = doc["disks"]
+    assert [d["disk"] for d in data] == [str(p) for p in paths]
     assert [d["exit_code"] for d in data] == [run_cli("check", p).returncode for p in paths]
     assert all(("error" in d) == (n in unusable) for d, n in zip(data, names))
 
@@ -76,26 +78,30 @@ def test_info_on_several_files_sections_and_json(files):
     # the sections are the single-file outputs, a blank line between them
     assert proc.stdout == one.stdout + b"\n" + run_cli("info", stale).stdout
     assert run_cli("info", clean, stale).returncode == 0
-    single = json.loads(run_cli("info", "--json", clean).stdout)
-    assert isinstance(single, dict) and single["file"] == str(clean)  # one file: the object, as before
-    many = json.loads(run_cli("info", "--json", clean, notcow, clean).stdout)
-    assert many[0] == many[2] == single
-    assert many[1] == {"file": str(notcow), "error": f"{notcow}: not a UML COW file (bad magic)", "hint": None,
-                       "exit_code": 1}
-    bad = run_cli("info", "--json", notcow)  # one file that fails: the error on stderr, nothing on stdout
-    assert bad.returncode == 1 and bad.stdout == b""
+    doc = json.loads(run_cli("info", "--json", clean).stdout)
+    assert set(doc) == {"disks", "exit_code"} and doc["exit_code"] == 0  # one file: the same shape as several
+    (single,) = doc["disks"]
+    assert single["disk"] == str(clean) and single["exit_code"] == 0
+    doc = json.loads(run_cli("info", "--json", clean, notcow, clean).stdout)
+    many = doc["disks"]
+    assert many[0] == many[2] == single and doc["exit_code"] == 1
+    assert many[1] == {"disk": str(notcow), "error": "not a UML COW file (bad magic)", "hint": None, "exit_code": 1}
+    bad = run_cli("info", "--json", notcow)  # one file that fails: its element, the error on stderr too
+    assert bad.returncode == 1 and json.loads(bad.stdout) == {"disks": [many[1]], "exit_code": 1}
+    assert bad.stderr.decode() == f"ubdcow: {notcow}: not a UML COW file (bad magic)\n"
 
 
 def test_map_on_several_files(files):
     clean, stale, missing = files["clean"], files["stale"], files["missing"]
-    single = json.loads(run_cli("map", "--json", clean).stdout)
-    assert isinstance(single, list) and single[0]["start"] == 0
+    (single,) = json.loads(run_cli("map", "--json", clean).stdout)["disks"]
+    assert single["extents"][0]["start"] == 0
     proc = run_cli("map", "--json", clean, missing, stale)
     assert proc.returncode == 1
-    data = json.loads(proc.stdout)
-    assert data[0] == {"file": str(clean), "extents": single}
-    assert data[1]["file"] == str(missing) and "No such file" in data[1]["error"]
-    assert data[2] == {"file": str(stale), "extents": json.loads(run_cli("map", "--json", stale).stdout)}
+    doc = json.loads(proc.stdout)
+    data = doc["disks"]
+    assert doc["exit_code"] == 1 and data[0] == single
+    assert data[1]["disk"] == str(missing) and "No such file" in data[1]["error"] and data[1]["exit_code"] == 1
+    assert data[2] == json.loads(run_cli("map", "--json", stale).stdout)["disks"][0]
     human = run_cli("map", clean, stale)
     assert human.returncode == 0
     text = human.stdout.decode()

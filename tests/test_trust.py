@@ -174,7 +174,7 @@ def test_info_shows_where_the_recorded_path_resolves(tmp_path, secret):
     facts = ubdcow.info(cow)
     assert facts["backing"]["path"] == str(link) and facts["backing"]["resolved"] == str(path)
     proc = run_cli("info", cow, "--json")
-    assert json.loads(proc.stdout)["backing"]["resolved"] == str(path)
+    assert json.loads(proc.stdout)["disks"][0]["backing"]["resolved"] == str(path)
     proc = run_cli("info", cow)
     lines = dict(line.split(":", 1) for line in proc.stdout.decode().splitlines() if ":" in line)
     assert lines["resolves to"].strip().startswith(f"{path} (through symbolic links")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import _deps  # noqa: F401  (first: without construct, numpy or tqdm, one line, not a traceback)
 from .check import CheckReport, Finding, check
 from .compact import CompactResult, compact
 from .compare import CompareResult, compare

@@ -24,7 +24,7 @@ from types import TracebackType
 
 from . import lock as _lock
 from ._io import fsync_dir, same_file
-from .errors import ImageIOError, ImageLockedError, OutputError
+from .errors import Fix, ImageIOError, ImageLockedError, OutputError
 
 __all__ = ["AtomicFile", "allowed_bits", "check_output_path", "TMP_SUFFIX"]
 
@@ -67,9 +67,10 @@ def check_output_path(
     *,
     overwrite: bool,
     inputs: Mapping[str, os.stat_result] | Iterable[tuple[str, os.stat_result]] = (),
-    hint: str | None = None,
+    replace: str = "to replace it",
 ) -> None:
-    """Refuse an output path that would lose something if replaced.
+    """Refuse an output path that would lose something if replaced (``replace``: the hint's words for
+    ``overwrite``).
 
     Refused: one of the ``inputs`` (through any path or link), an existing
     file or link without ``overwrite``, anything but a regular file (a device
@@ -88,7 +89,7 @@ def check_output_path(
         if st is not None and same_file(st, ist):
             raise OutputError(path, f"output is the {what} (same file); refusing to overwrite it")
     if not overwrite:
-        raise OutputError(path, "output file already exists", hint=hint or "use --overwrite to replace it")
+        raise OutputError(path, "output file already exists", fixes=(Fix(replace, (("overwrite", None),)),))
     if st is None:
         return  # the dangling link is replaced by the output; nothing is lost
     if not stat.S_ISREG(st.st_mode):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 
 from ._io import file_size, mtime_seconds, open_file, same_file
-from .errors import BackingFileError, BackingMismatchError
+from .errors import BackingFileError, BackingMismatchError, Fix
 from .format import CowHeader
 
 __all__ = [
@@ -39,9 +40,9 @@ def mismatch_hint(cow: str, backing: str, header: CowHeader, size: int, mtime: i
             f"the backing file is {size} bytes but the COW file was made on one of {header.size}: "
             "this is not the file the COW file was made on"
         )
-    fix = f"ubdcow rebase --unsafe {cow} --backing {backing}"
+    fix = f"ubdcow rebase --unsafe {shlex.quote(cow)} --backing {shlex.quote(backing)}"
     if not 0 <= mtime < 2**32:  # a header cannot record this mtime: give the file one it can
-        fix = f"touch {backing}, then {fix}"
+        fix = f"touch {shlex.quote(backing)}, then {fix}"
     return (
         "the backing file was modified, copied or touched after the COW file was made, and UML will refuse "
         f"to boot it; if its content is unchanged, record its new mtime with: {fix}"
@@ -100,7 +101,7 @@ def open_backing(
         candidates = [os.fspath(backing)]
     elif not header.backing_file:
         raise BackingFileError(
-            cow_path, "no backing file is recorded in the header", hint="name one with --backing PATH"
+            cow_path, "no backing file is recorded in the header", fixes=(Fix("name one", (("backing", "PATH"),)),)
         )
     else:
         candidates = backing_candidates(header, cow_path)
@@ -131,4 +132,4 @@ def open_backing(
     message = f"backing file {header.backing_file} not found"
     if candidates != [header.backing_file]:
         message += f" (tried {tried})"
-    raise BackingFileError(cow_path, message, hint="if it moved, name it with --backing PATH")
+    raise BackingFileError(cow_path, message, fixes=(Fix("if it moved, name it", (("backing", "PATH"),)),))

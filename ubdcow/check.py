@@ -287,13 +287,20 @@ def _check(
         return report
     fd, h, st, length, bitmap = cow.fd, cow.header, cow.stat, cow.length, cow.bitmap
     try:
-        busy, pid = _lock.holder(fd, exclusive=False)
-        if busy:
+        lock_kind, pid = _lock.held(fd)
+        if lock_kind == "write":
             report.add(
                 "in-use",
                 "info",
                 f"in use by {_lock.describe_holder(pid)} (a running guest?): what it writes "
                 "while the check runs may not be seen",
+            )
+        elif lock_kind == "read":
+            report.add(
+                "in-use",
+                "info",
+                f"in use by {_lock.describe_holder(pid)} (a read lock: it only reads; commands that write "
+                "the file are refused until it stops)",
             )
         if h.layout == "v1" and h.byteorder != HOST_ORDER:
             report.add(

@@ -420,5 +420,5 @@ def _run(
         dead_pages=c.dead,
         truncated_bytes=truncated,
         mixed_pages=c.mixed,
-        seconds=round(time.monotonic() - t0, 3),
+        seconds=time.monotonic() - t0,
     )

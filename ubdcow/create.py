@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 from ._atomic import AtomicFile, check_output_path
 from ._io import file_size, mtime_seconds, open_file, pwrite_all
@@ -31,7 +32,7 @@ def backing_record(path: str | os.PathLike[str], st: os.stat_result) -> tuple[st
         raise BackingFileError(
             path,
             f"its mtime ({mtime}) does not fit the COW header's 32-bit field (1970 to 2106)",
-            hint=f"give it a current mtime first: touch {os.fspath(path)}",
+            hint=f"give it a current mtime first: touch {shlex.quote(os.fspath(path))}",
         )
     return absolute_backing_path(path), mtime
 
@@ -74,7 +75,7 @@ def create(
         cow_path,
         overwrite=overwrite,
         inputs={"backing file": bst},
-        hint="use --force to replace it with a new, empty COW file",
+        replace="to replace it with a new, empty COW file",
     )
     with AtomicFile(cow_path, overwrite=overwrite) as out:
         try:

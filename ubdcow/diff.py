@@ -51,10 +51,12 @@ def diff(
     overwrite: bool = False,
     progress: Callable[[int], Any] | None = None,
     lock: bool = True,
+    modified_backing: str | os.PathLike[str] | None = None,
 ) -> DiffResult:
     """Write a v3 COW file on ``base_path`` whose virtual disk equals ``modified_path``.
 
-    ``modified_path`` may itself be a COW file (its virtual disk is read).
+    ``modified_path`` may itself be a COW file (its virtual disk is read; ``modified_backing`` overrides the
+    backing file it records).
     """
     import time
 
@@ -67,7 +69,7 @@ def diff(
                 base_path, "BASE is a COW file; it must be a raw image (it becomes the backing file)"
             )
         size = file_size(bfd, bst)
-        with open_disk(modified_path, lock=lock) as modified:
+        with open_disk(modified_path, backing=modified_backing, lock=lock) as modified:
             if modified.size != size:
                 raise ImageIOError(modified.path, f"size {modified.size} differs from BASE's {size}: sizes must match")
             inputs = {"base image": bst, **{f"modified image's {k}": v for k, v in modified.files.items()}}

@@ -15,6 +15,7 @@ also counts the set bits, a bitmap window at a time.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -188,7 +189,10 @@ def _overlay(
     if found is None:
         reason = "backing file missing"
         problem = f"backing file {h.backing_file or '(none recorded)'} not found"
-        hint = "find it and name it with --backing PATH (ubdcow info shows where it was looked for)"
+        hint = (
+            "find it (ubdcow info shows where it was looked for), then check it: "
+            f"ubdcow info {shlex.quote(path)} --backing PATH"
+        )
     else:
         backing_path, bst = found
         if not stat.S_ISREG(bst.st_mode):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from dataclasses import dataclass
 
 __all__ = [
+    "Fix",
     "UbdCowError",
     "FormatError",
     "NotACowFileError",
@@ -38,13 +40,50 @@ __all__ = [
 ]
 
 
-class UbdCowError(Exception):
-    """Base class of every error ubdcow raises."""
+@dataclass(frozen=True)
+class Fix:
+    """A change to the failed call that may make it work: ``options``, the call's keyword arguments to set, as
+    ``(name, value)`` (value None: a flag such as ``unsafe``; ``"PATH"``: a placeholder for the user's value).
 
-    def __init__(self, filename: str | os.PathLike[str] | None, message: str, *, hint: str | None = None) -> None:
+    The library's hint names them as options (``--backing PATH``); the command line renders each as a whole
+    command line: the user's own, with these options set (see :mod:`ubdcow.cli.base`).
+    """
+
+    why: str
+    options: tuple[tuple[str, str | None], ...]
+
+    def words(self) -> str:
+        """The options as the command line spells them when its option has the keyword's name: ``--backing PATH``."""
+        return " ".join(f"--{k.replace('_', '-')}" + (f" {v}" if v is not None else "") for k, v in self.options)
+
+    def text(self) -> str:
+        """``why`` followed by the options, e.g. ``if it moved, name it with --backing PATH``."""
+        return f"{self.why} with {self.words()}"
+
+    def command(self, command_line: str) -> str:
+        """``why: COMMAND_LINE`` plus the options, e.g. ``if it moved, name it: ubdcow info x.cow --backing PATH``."""
+        return f"{self.why}: {command_line} {self.words()}"
+
+
+class UbdCowError(Exception):
+    """Base class of every error ubdcow raises.
+
+    ``hint`` is what to do: ``lead`` (prose) and the ``fixes`` (changes to the call), joined.
+    """
+
+    def __init__(
+        self,
+        filename: str | os.PathLike[str] | None,
+        message: str,
+        *,
+        hint: str | None = None,
+        fixes: tuple[Fix, ...] = (),
+    ) -> None:
         self.filename = os.fspath(filename) if filename is not None else None
         self.message = message
-        self.hint = hint
+        self.lead = hint
+        self.fixes = fixes
+        self.hint = "; ".join([*([hint] if hint else []), *(f.text() for f in fixes)]) or None
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -89,10 +128,16 @@ class ImageLockedError(UbdCowError):
     """Another process (often a running UML guest) holds a conflicting lock."""
 
     def __init__(
-        self, filename: str | os.PathLike[str] | None, message: str, *, hint: str | None = None, pid: int | None = None
+        self,
+        filename: str | os.PathLike[str] | None,
+        message: str,
+        *,
+        hint: str | None = None,
+        pid: int | None = None,
+        fixes: tuple[Fix, ...] = (),
     ) -> None:
         self.pid = pid
-        super().__init__(filename, message, hint=hint)
+        super().__init__(filename, message, hint=hint, fixes=fixes)
 
 
 class ImageRangeError(UbdCowError):

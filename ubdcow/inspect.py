@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,7 +61,9 @@ def backing_status(
         fd, path, st, size = open_backing(header, cow_path, cow_stat, backing)
     except BackingFileError as exc:
         status["problem"] = exc.message if exc.filename == cow_path else str(exc)
-        status["hint"] = exc.hint
+        # as a command line of info, which has --backing
+        fixes = [f.command(f"ubdcow info {shlex.quote(cow_path)}") for f in exc.fixes]
+        status["hint"] = "; ".join([*([exc.lead] if exc.lead else []), *fixes]) or None
         return status
     try:
         resolved = _opened_path(fd, path)
@@ -95,7 +98,7 @@ def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | 
         # one pass counts the set bits and the mixed pages (see check)
         cow_sectors, mixed_pages, _ = cow.bitmap.summary(limit=0)
         last_set = cow.bitmap.test(header.sectors - 1)
-        busy, pid = _lock.holder(cow.fd, exclusive=False)
+        lock_kind, pid = _lock.held(cow.fd)
         apparent = cow.length
     return {
         "file": cow_path,
@@ -118,8 +121,9 @@ def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | 
         "mixed_pages": mixed_pages,
         "apparent_size": apparent,
         "allocated_size": st.st_blocks * 512,
-        "in_use": busy,
-        "locked_by": pid if busy else None,
+        "in_use": lock_kind is not None,
+        "lock": lock_kind,
+        "locked_by": pid,
     }
 
 

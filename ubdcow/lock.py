@@ -13,9 +13,9 @@ import fcntl
 import os
 import struct
 
-from .errors import ImageIOError, ImageLockedError
+from .errors import Fix, ImageIOError, ImageLockedError
 
-__all__ = ["lock", "holder", "describe_holder"]
+__all__ = ["lock", "holder", "held", "describe_holder"]
 
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
@@ -99,6 +99,22 @@ def holder(fd: int, exclusive: bool = True) -> tuple[bool, int | None]:
     return False, None
 
 
+def held(fd: int) -> tuple[str | None, int | None]:
+    """The lock another open file holds on ``fd``'s file: ``("write", pid)``, ``("read", pid)`` or ``(None, None)``.
+
+    A read lock (a read-only ``serve``, another ubdcow reading) does not block
+    other readers but does block every writer (``compact``, ``rebase``), so both
+    kinds count as "in use".
+    """
+    busy, pid = holder(fd, exclusive=False)  # only a write lock blocks a read lock
+    if busy:
+        return "write", pid
+    busy, pid = holder(fd, exclusive=True)  # any lock blocks a write lock
+    if busy:
+        return "read", pid
+    return None, None
+
+
 def describe_holder(pid: int | None) -> str:
     """``process 123 (linux.uml)``, or a vague phrase when the pid is unknown."""
     if pid is None:
@@ -126,7 +142,7 @@ def lock(fd: int, filename: str | os.PathLike[str], *, exclusive: bool, what: st
     raise ImageLockedError(
         filename,
         f"{what} is locked by {describe_holder(pid)}; cannot open it for {mode}",
-        hint="a running UML guest (or another ubdcow) is using it: shut it down first, "
-        "or pass --no-lock if you are sure nothing writes it",
+        hint="a running UML guest (or another ubdcow) is using it: shut it down first",
+        fixes=(Fix("or, if you are sure nothing writes it, skip the lock", (("no_lock", None),)),),
         pid=pid,
     )

@@ -23,7 +23,7 @@ import numpy as np
 from ._io import file_size, open_file, pwrite_all, read_at, same_file
 from ._result import Result
 from .create import backing_record
-from .errors import BackingFileError, BackingMismatchError, ImageIOError, UnrecordableWriteError
+from .errors import BackingFileError, BackingMismatchError, Fix, ImageIOError, UnrecordableWriteError
 from .format import SECTOR_SIZE, CowHeader
 from .image import CowFile, CowImage
 
@@ -34,8 +34,9 @@ WINDOW = 4 << 20
 
 @dataclass(frozen=True)
 class RebaseResult(Result):
-    """What a rebase did: the new header's backing fields, the differing sectors copied in and the mixed
-    pages made whole (both 0 for an unsafe rebase)."""
+    """What a rebase did: the new header's backing fields; ``copied_sectors``, the sectors it wrote into the
+    COW file (whole 4 KiB pages around the ``differing_sectors`` where the disk read the old backing file and
+    the new one differs); the mixed pages made whole (all 0 for an unsafe rebase)."""
 
     file: str
     backing_file: str
@@ -44,6 +45,7 @@ class RebaseResult(Result):
     copied_sectors: int
     unsafe: bool
     filled_pages: int = 0
+    differing_sectors: int = 0
 
 
 def _new_header(h: CowHeader, cow_path: str, new_path: str, new_stat: os.stat_result, new_size: int) -> CowHeader:
@@ -132,17 +134,21 @@ def _safe_rebase(
     lock: bool,
     progress: Callable[[int], Any] | None,
 ) -> RebaseResult:
-    copied = 0
+    differing = 0
     try:
         img = CowImage(cow_path, "r+", backing=old_backing, lock=lock)
     except BackingFileError as exc:
         if isinstance(exc, BackingMismatchError):
             raise
-        exc.hint = (
-            "a safe rebase reads the current backing file to keep the content: name it with --old-backing PATH "
-            "or use --unsafe if the new backing file holds the same content"
-        )
-        raise
+        raise type(exc)(
+            exc.filename,
+            exc.message,
+            hint="a safe rebase reads the current backing file to keep the content",
+            fixes=(
+                Fix("name it", (("old_backing", "PATH"),)),
+                Fix("or, if the new backing file holds the same content, only rewrite the header", (("unsafe", None),)),
+            ),
+        ) from None
     with img:
         cow_fd = img.fds[0]
         cow_stat = os.fstat(cow_fd)
@@ -160,15 +166,17 @@ def _safe_rebase(
                     hint=f"convert the file to v3 first: ubdcow convert {cow_path} -o NEW.cow",
                 )
         filled = img.fill_mixed_pages()
+        before = img.count_cow_sectors()
         for start, length, source in img.extents():  # lazily: bits change only behind it
             if source == "backing":
                 for a, n in _differing_runs(img, nfd, new_path, start, length):
                     buf = bytearray(n)
                     img.backing_preadinto(memoryview(buf), a)
                     img.pwrite(buf, a)  # data first, then the bits
-                    copied += -(-n // SECTOR_SIZE)
+                    differing += -(-n // SECTOR_SIZE)
             if progress is not None:
                 progress(length)
         img.flush()
+        copied = img.count_cow_sectors() - before  # whole pages: what was written, not only what differed
         _write_header(cow_fd, cow_path, header)
-    return RebaseResult(cow_path, header.backing_file, header.mtime, header.size, copied, False, filled)
+    return RebaseResult(cow_path, header.backing_file, header.mtime, header.size, copied, False, filled, differing)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 import shutil
 import signal
 import socket as _socket
@@ -75,7 +76,7 @@ def find_nbdkit() -> str:
             None,
             f"nbdkit's Python plugin embeds Python {theirs}, but ubdcow runs on Python {ours}: the packages it "
             "needs (numpy) cannot be loaded across versions",
-            hint=f"run ubdcow serve with a Python {theirs} interpreter (e.g. a virtualenv made with python{theirs})",
+            hint=f"use a Python {theirs} interpreter for ubdcow (e.g. a virtualenv made with python{theirs})",
         )
     return nbdkit
 
@@ -169,6 +170,59 @@ def check_port(bind: str, port: int) -> None:
             raise ServeError(None, f"port {port} on {bind} is not free: {exc.strerror or exc}") from None
 
 
+#: the shell variables nbdkit's --run sets (nbdkit-captive(1)); exported so that scripts CMD runs see them
+RUN_VARIABLES = ("uri", "nbd", "unixsocket", "port", "tls", "exportname")
+#: the files nbdkit's --tls-certificates folder must hold for a server
+SERVER_CERTIFICATES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+
+
+def check_tls(opts: ServeOptions) -> None:
+    """Refuse a TLS option nbdkit would fail on, in one line: a PSK file that cannot be read or holds no
+    ``USERNAME:HEXKEY`` line, a certificates folder without the server's files."""
+    if opts.tls_psk is not None:
+        try:
+            with open(opts.tls_psk, "rb") as f:
+                text = f.read(1 << 20)
+        except OSError as exc:
+            raise ServeError(opts.tls_psk, f"cannot read the TLS PSK file: {exc.strerror}") from None
+        keys = [line.split(b":", 1) for line in text.splitlines() if b":" in line]
+        if not any(user and _is_hex(key.strip()) for user, key in keys):
+            raise ServeError(
+                opts.tls_psk,
+                "not a TLS PSK file: no USERNAME:HEXKEY line",
+                hint="make one with: psktool -u alice -p keys.psk (from gnutls-bin)",
+            )
+    if opts.tls_certificates is not None:
+        folder = opts.tls_certificates
+        if not os.path.isdir(folder):
+            raise ServeError(folder, "the TLS certificates folder does not exist or is not a folder")
+        missing = [name for name in SERVER_CERTIFICATES if not os.access(os.path.join(folder, name), os.R_OK)]
+        if missing:
+            raise ServeError(
+                folder,
+                f"the TLS certificates folder lacks {', '.join(missing)} (it needs {', '.join(SERVER_CERTIFICATES)}, "
+                "readable)",
+            )
+
+
+def _is_hex(key: bytes) -> bool:
+    try:
+        return len(key) > 0 and len(key) % 2 == 0 and bool(bytes.fromhex(key.decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def run_script(command: str, ready: str | None = None) -> str:
+    """The ``--run`` script: nbdkit's variables exported; a wait (60 s at most) for the file ``ready``, which
+    ``serve`` makes once it has said it is ready (so that its line comes before the command's output); then
+    ``command``, on its own lines."""
+    wait = ""
+    if ready is not None:
+        flag = shlex.quote(ready)
+        wait = f"i=0; while [ ! -e {flag} ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i + 1)); done; unset i\n"
+    return f"export {' '.join(RUN_VARIABLES)}\n{wait}{command}"
+
+
 def uri_of(opts: ServeOptions, socket_path: str | None) -> str:
     """The NBD URI a client connects to."""
     scheme = "nbds" if opts.tls else "nbd"
@@ -182,7 +236,9 @@ def uri_of(opts: ServeOptions, socket_path: str | None) -> str:
     return f"{scheme}://{host}:{opts.port}"
 
 
-def nbdkit_command(nbdkit: str, opts: ServeOptions, socket_path: str | None, pidfile: str) -> list[str]:
+def nbdkit_command(
+    nbdkit: str, opts: ServeOptions, socket_path: str | None, pidfile: str, ready: str | None = None
+) -> list[str]:
     """The nbdkit command line (foreground, exits with its parent)."""
     cmd = [nbdkit, "-f", "--exit-with-parent", "-P", pidfile]
     if socket_path is not None:
@@ -195,7 +251,7 @@ def nbdkit_command(nbdkit: str, opts: ServeOptions, socket_path: str | None, pid
         cmd.append("--tls=require")
         cmd += [f"--tls-psk={opts.tls_psk}"] if opts.tls_psk else [f"--tls-certificates={opts.tls_certificates}"]
     if opts.run is not None:
-        cmd += ["--run", opts.run]
+        cmd += ["--run", run_script(opts.run, ready)]
     cmd += opts.nbdkit_args
     cmd += ["python", PLUGIN, f"cow={os.path.abspath(opts.cow)}"]
     if opts.backing is not None:
@@ -242,6 +298,7 @@ def serve(
     nbdkit = find_nbdkit()
     if opts.socket is not None and opts.port is not None:
         raise ServeError(None, "give --socket or --port, not both")
+    check_tls(opts)
     if opts.socket is not None and os.path.lexists(opts.socket):
         raise ServeError(opts.socket, "the socket path exists (remove it, or choose another)")
     if opts.port is not None:
@@ -264,7 +321,8 @@ def serve(
         elif opts.port is None:
             socket_path = os.path.join(private, "nbd.sock")
         pidfile = os.path.join(private, "nbdkit.pid")
-        cmd = nbdkit_command(nbdkit, opts, socket_path, pidfile)
+        ready = os.path.join(private, "ready")
+        cmd = nbdkit_command(nbdkit, opts, socket_path, pidfile, ready)
         proc = subprocess.Popen(cmd, env=plugin_environment())
         try:
             if not _wait_ready(proc, pidfile):
@@ -275,6 +333,8 @@ def serve(
                 socket_path = final
             if on_ready is not None:
                 on_ready(uri_of(opts, socket_path), proc.pid, socket_path)
+            with open(ready, "w"):  # --run's command may start (see run_script)
+                pass
             return proc.wait()
         finally:
             _stop(proc)

@@ -8,6 +8,7 @@ harness reads the whole virtual disk (bounded to 1 MiB) through the engine.
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 
@@ -21,11 +22,16 @@ with atheris.instrument_imports() if atheris else contextlib.nullcontext():
     from ubdcow.check import check
     from ubdcow.inspect import map_image
 
-FOLDER = tempfile.mkdtemp(prefix="ubdcow-fuzz-")
-COW = os.path.join(FOLDER, "fuzz.cow")
-BACKING = os.path.join(FOLDER, "backing.img")
-with open(BACKING, "wb") as f:
-    f.write(os.urandom(64 * 1024))
+# The two files are made in a new folder, opened, and the folder removed at once: the harness works through
+# /proc/self/fd/N paths, so nothing is left behind however it ends (libFuzzer exits without Python's atexit).
+_folder = tempfile.mkdtemp(prefix="ubdcow-fuzz-")
+try:
+    with open(os.path.join(_folder, "backing.img"), "wb") as f:
+        f.write(os.urandom(64 * 1024))
+    _fds = [os.open(os.path.join(_folder, name), os.O_RDWR | os.O_CREAT) for name in ("fuzz.cow", "backing.img")]
+finally:
+    shutil.rmtree(_folder, ignore_errors=True)
+COW, BACKING = (f"/proc/self/fd/{fd}" for fd in _fds)
 
 
 def test_one_input(data: bytes) -> None:

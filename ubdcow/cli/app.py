@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import UbdCowError
@@ -16,10 +18,12 @@ from .base import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
+    EXIT_USAGE,
     Command,
     Handler,
     Output,
     Terminated,
+    UsageError,
     report,
 )
 
@@ -41,9 +45,27 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+class ArgumentError(Exception):
+    """A usage error found by a parser (``parser``: the command's own, or the top-level one)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """ubdcow's parsers: a usage error raises :class:`ArgumentError` (``main`` prints it, and the JSON error
+    document under ``--json``); ``commands`` holds each command's own parser (the top-level one only)."""
+
+    commands: dict[str, argparse.ArgumentParser]
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(self, message)
+
+
+def build_parser() -> Parser:
     """The ``ubdcow`` parser: one subparser a command of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ubdcow",
         description="Inspect, create and flatten User-Mode Linux copy-on-write (COW) block images.",
         epilog="Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), "
@@ -51,12 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check and compact exit with the worst file's code. See docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"ubdcow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
+    parser.commands = {}
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.description, epilog=command.epilog)
         command.arguments(p)
-        p.set_defaults(func=command.handler, error_code=command.error_code)
+        p.set_defaults(func=command.handler, error_code=command.error_code, option_for=command.option_for)
+        parser.commands[command.name] = p
     return parser
 
 
@@ -64,10 +88,31 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _usage_error(parser: argparse.ArgumentParser, message: str, as_json: bool) -> int:
+    """argparse's usage lines (the command's own usage) on stderr; the JSON error document under ``--json``."""
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": f"{parser.prog}: {message}", "hint": None, "exit_code": EXIT_USAGE}, indent=2))
+    return EXIT_USAGE
+
+
+def wants_json(argv: Sequence[str]) -> bool:
+    """``--json`` among the options (before a ``--``)."""
+    words = list(argv)
+    return "--json" in (words[: words.index("--")] if "--" in words else words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # an option no parser knew: the command's usage, not the top-level one
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    except ArgumentError as exc:
+        return _usage_error(exc.parser, str(exc), wants_json(argv))
     out = Output(args)
     func: Handler = args.func
     previous = None
@@ -79,19 +124,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args, out)
     except UbdCowError as exc:
         return report(exc, out, args.error_code)
+    except UsageError as exc:
+        return _usage_error(parser.commands[args.command], str(exc), out.json and not out.documented)
     except KeyboardInterrupt:
-        print("ubdcow: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return out.failure("interrupted", None, EXIT_INTERRUPTED)
     except Terminated:
-        print("ubdcow: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
+        return out.failure("terminated", None, EXIT_TERMINATED)
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_ERROR
     except OSError as exc:  # an error the library did not expect to wrap
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"ubdcow: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return out.failure(f"{where}{exc.strerror or exc}", None, EXIT_ERROR)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -115,6 +159,9 @@ def run() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # a bug: one line, not a traceback (UBDCOW_DEBUG=1 shows it)
-        print(f"ubdcow: internal error: {type(exc).__name__}: {exc} (set UBDCOW_DEBUG=1 for details)", file=sys.stderr)
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        print(f"ubdcow: {message} (set UBDCOW_DEBUG=1 for details)", file=sys.stderr)
         code = EXIT_INTERNAL
+        if wants_json(sys.argv[1:]):  # the JSON document, unless the command had begun to write one
+            print(json.dumps({"error": message, "hint": "set UBDCOW_DEBUG=1 for details", "exit_code": code}))
     sys.exit(code)

@@ -10,8 +10,9 @@ import argparse
 import datetime as _dt
 import json
 import os
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO, TypeVar
 
@@ -25,6 +26,11 @@ EXIT_TERMINATED = 143
 EXIT_INTERNAL = 70
 
 T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """A command line the parser accepted but the command refuses (e.g. ``--bind`` without ``--port``): exit 2,
+    with the command's usage, as argparse does."""
 
 
 class Terminated(BaseException):
@@ -65,11 +71,14 @@ class Output:
     """Where a command writes: results to stdout, notes to stderr, nothing with ``--quiet``."""
 
     def __init__(self, args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
+        self.args = args
         self.json = getattr(args, "json", False)
         self.quiet = getattr(args, "quiet", False)
         self.exact = getattr(args, "bytes", False)
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
+        #: a JSON document was (or began to be) written: an error must not write a second one
+        self.documented = False
 
     def size(self, n: int | None) -> str:
         """A size as ``--bytes`` asks: exact, or human."""
@@ -89,13 +98,30 @@ class Output:
     def dump(self, obj: Any) -> None:
         """``obj`` as indented JSON on stdout (even with ``--quiet``)."""
         print(json.dumps(obj, indent=2), file=self.stdout)
+        self.documented = True
 
-    def result(self, record: Record, text: str) -> None:
-        """``record`` as JSON with ``--json``, else the one line ``text``."""
+    def document(self, doc: dict[str, Any], code: int) -> int:
+        """Under ``--json``: ``doc`` with its ``exit_code``, the one JSON document of the run; returns ``code``."""
         if self.json:
-            self.dump(record.as_dict())
-        else:
-            self.line(text)
+            self.dump({**doc, "exit_code": code})
+        return code
+
+    def result(self, record: Record, text: str, disk: str, code: int = 0, **inputs: str) -> int:
+        """``record`` as the JSON document (see :func:`disk_record`) with ``--json``, else the one line ``text``."""
+        if self.json:
+            return self.document(disk_record(disk, record.as_dict(), **inputs), code)
+        self.line(text)
+        return code
+
+    def failure(self, message: str, hint: str | None, code: int) -> int:
+        """A failure: one line (and a hint line) on stderr, and under ``--json`` the error document on stdout
+        (unless one was already written)."""
+        print(f"ubdcow: {message}", file=self.stderr)
+        if hint:
+            print(f"hint: {hint}", file=self.stderr)
+        if self.json and not self.documented:
+            self.document({"error": message, "hint": hint}, code)
+        return code
 
 
 class Record(Protocol):
@@ -118,6 +144,9 @@ class Command:
     handler: Handler
     error_code: int = EXIT_ERROR  # the exit code when the handler raises a UbdCowError
     epilog: str | None = None  # what ``--help`` prints after the options
+    #: the option (its dest) that sets the library's keyword ``name`` in a :class:`~ubdcow.errors.Fix` of an error
+    #: about ``file``, when it is not the keyword itself (``option_for(name, file, args)``; None: no such option)
+    option_for: Callable[[str, str | None, argparse.Namespace], str | None] | None = None
 
 
 # -- progress ------------------------------------------------------------------
@@ -167,13 +196,107 @@ def disk_size(path: str) -> int:
             return 0
 
 
+# -- JSON ------------------------------------------------------------------------
+#: the keys the library's records use for their input file; the JSON documents call it ``disk`` (docs/cli.md)
+INPUT_KEYS = ("file",)
+
+
+def disk_record(disk: str, record: dict[str, Any], **inputs: str) -> dict[str, Any]:
+    """A record about the input ``disk`` as JSON: ``disk`` first (plus other ``inputs``, e.g. ``against``),
+    then the record's keys but its own name for the input."""
+    return {"disk": disk, **inputs, **{k: v for k, v in record.items() if k not in INPUT_KEYS}}
+
+
+def error_fields(disk: str, exc: UbdCowError, hint: str | None, code: int = EXIT_ERROR) -> dict[str, Any]:
+    """``error`` (the problem, without the file name when it is ``disk``'s), ``hint``, ``exit_code``."""
+    message = exc.message if exc.filename == disk else str(exc)
+    return {"error": message, "hint": hint, "exit_code": code}
+
+
+# -- hints: whole command lines, built from what the user gave ---------------------
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of command ``name`` (the one ``ubdcow NAME`` uses)."""
+    from .app import build_parser
+
+    return build_parser().commands[name]
+
+
+def command_line(
+    name: str,
+    args: argparse.Namespace | None = None,
+    *,
+    disk: str | None = None,
+    carry: Iterable[str] | None = None,
+    set: Mapping[str, object] | None = None,
+) -> str:
+    """``ubdcow NAME ...``: the command line that runs command ``name`` with the user's ``args`` (all of them,
+    or for another command only the dests in ``carry``) and the options ``set`` (dest -> value; True: a flag).
+    ``disk`` stands for the COW files of a command that takes several (a hint is about one of them)."""
+    parser = command_parser(name)
+    given = vars(args) if args is not None else {}
+    values: dict[str, object] = {}
+    for action in parser._actions:
+        dest = action.dest
+        if dest in (set or {}):
+            values[dest] = (set or {})[dest]
+        elif dest in given and (carry is None or dest in carry):
+            values[dest] = given[dest]
+        if dest == "cows" and disk is not None:
+            values[dest] = [disk]
+    words: list[str] = []
+    options: list[str] = []
+    for action in parser._actions:
+        value = values.get(action.dest)
+        if isinstance(action, argparse._HelpAction) or value is None or value is False:
+            continue
+        if not action.option_strings:
+            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        elif value != action.default:
+            option = max(action.option_strings, key=len)
+            options += [option] if value is True else [option, str(value)]
+    if any(w.startswith("-") for w in words):  # a file named like an option: after --
+        return shlex.join(["ubdcow", name, *options, "--", *words])
+    return shlex.join(["ubdcow", name, *words, *options])
+
+
+def render_hint(exc: UbdCowError, out: Output, disk: str | None = None) -> str | None:
+    """The error's hint for the command that failed: each :class:`~ubdcow.errors.Fix` as the user's command line
+    with its options set; a fix whose option this command lacks is left out."""
+    args = out.args
+    name = getattr(args, "command", None)
+    if not exc.fixes or name is None:
+        return exc.hint
+    option_for: Callable[[str, str | None, argparse.Namespace], str | None] = getattr(args, "option_for", None) or (
+        lambda key, _file, _args: key
+    )
+    dests = {a.dest for a in command_parser(name)._actions}
+    parts = [exc.lead] if exc.lead else []
+    for fix in exc.fixes:
+        chosen: dict[str, object] = {}
+        for key, value in fix.options:
+            dest = option_for(key, exc.filename, args)
+            if dest is None or dest not in dests:
+                break
+            chosen[dest] = True if value is None else value
+        else:
+            parts.append(f"{fix.why}: {command_line(name, args, disk=disk, set=chosen)}")
+    return "; ".join(parts) or None
+
+
 # -- errors --------------------------------------------------------------------
 def report(exc: UbdCowError, out: Output, code: int = EXIT_ERROR) -> int:
-    """Print an error as one line (plus a hint line) on stderr; return ``code``."""
+    """Print an error as one line (plus a hint line) on stderr (and the JSON error document); return ``code``."""
+    return out.failure(str(exc), render_hint(exc, out), code)
+
+
+def report_line(exc: UbdCowError, out: Output, disk: str | None = None) -> str | None:
+    """An error about one of several inputs (``disk``): its lines on stderr only (the JSON lists it among the
+    others); returns the hint."""
+    hint = render_hint(exc, out, disk)
     print(f"ubdcow: {exc}", file=out.stderr)
-    if exc.hint:
-        print(f"hint: {exc.hint}", file=out.stderr)
-    return code
+    if hint:
+        print(f"hint: {hint}", file=out.stderr)
+    return hint
 
 
 # -- options shared by the commands ---------------------------------------------
@@ -189,9 +312,9 @@ def add_cows(p: argparse.ArgumentParser, help: str = "the COW file (several may 
 
 #: ``--help`` epilog of the commands that take several COW files (see :func:`worst`)
 SEVERAL_FILES = (
-    "Several COW files may be given: each gets its own section (a JSON array with --json; one file gives the "
-    "single object, as before), a file that cannot be read is reported on one line and the others are still "
-    "processed, and the exit code is the worst of the files' codes"
+    'Several COW files may be given: each gets its own section (with --json: {"disks": [one object per file], '
+    '"exit_code": N}, the same shape for one file), a file that cannot be read is reported on one line and the '
+    "others are still processed, and the exit code is the worst of the files' codes"
 )
 
 
@@ -199,11 +322,6 @@ def worst(codes: Sequence[int], order: Sequence[int] = (EXIT_OK, EXIT_ERROR)) ->
     """The worst exit code of ``codes``: the one latest in ``order`` (codes not in it count as worst)."""
     rank = {code: i for i, code in enumerate(order)}
     return max(codes, key=lambda c: rank.get(c, len(order)), default=EXIT_OK)
-
-
-def error_record(path: str, exc: UbdCowError, code: int = EXIT_ERROR) -> dict[str, Any]:
-    """What ``--json`` lists for a file that could not be processed among several."""
-    return {"file": path, "error": str(exc), "hint": exc.hint, "exit_code": code}
 
 
 def several(
@@ -220,39 +338,32 @@ def several(
     """Run a command on each of ``paths``; the worst exit code (see :data:`SEVERAL_FILES`).
 
     ``compute`` makes a file's result, ``show`` prints it for humans and gives
-    its exit code, ``as_json`` gives its exit code and JSON value. One path
-    keeps the single-file behaviour: one JSON object, and an error raised.
+    its exit code, ``as_json`` gives its exit code and JSON record (its
+    input named as the library names it, ``file``). With ``--json`` the one
+    document is ``{"disks": [...], "exit_code": worst}`` whatever the count.
     ``blank_lines``: a blank line between the sections (not for one-line results).
     """
-    if len(paths) == 1:
-        result = compute(paths[0])
-        if out.json:
-            code, value = as_json(result)
-            out.dump(value)
-            return code
-        return show(result)
     codes: list[int] = []
-    values: list[Any] = []
+    values: list[dict[str, Any]] = []
     shown = False
     for path in paths:
         try:
             result = compute(path)
         except UbdCowError as exc:
-            codes.append(report(exc, out, error_code))
-            values.append(error_record(path, exc, error_code))
+            hint = report_line(exc, out, path)
+            codes.append(error_code)
+            values.append({"disk": path, **error_fields(path, exc, hint, error_code)})
             continue
         if out.json:
             code, value = as_json(result)
-            values.append(value)
+            values.append({**disk_record(path, value), "exit_code": code})
         else:
             if shown and blank_lines:
                 out.line()  # a blank line between sections
             code = show(result)
             shown = True
         codes.append(code)
-    if out.json:
-        out.dump(values)
-    return worst(codes, order)
+    return out.document({"disks": values}, worst(codes, order))
 
 
 def add_no_lock(p: argparse.ArgumentParser, kind: str = "read") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .base import EXIT_OK, Bar, Command, Output, add_common, add_cow, add_no_lock, disk_size, plural
+from .base import Bar, Command, Output, add_common, add_cow, add_no_lock, command_line, disk_size, plural
 
 
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
@@ -35,12 +35,15 @@ def cmd_rebase(args: argparse.Namespace, out: Output) -> int:
             lock=not args.no_lock,
             progress=bar.update,
         )
-    n, f = result.copied_sectors, result.filled_pages
-    copied = "" if result.unsafe else f"; {plural(n, 'sector')} copied in to keep the content"
+    n, d, f = result.copied_sectors, result.differing_sectors, result.filled_pages
+    copied = ""
+    if not result.unsafe:
+        copied = f"; {plural(n, 'sector')} copied in to keep the content"
+        if n != d:
+            copied += f" (the whole 4 KiB pages around {plural(d, 'differing sector')})"
     if f:
         copied += f", {plural(f, 'mixed page')} made whole"
-    out.result(result, f"rebased {args.cow} onto {result.backing_file} (mtime {result.mtime}){copied}")
-    return EXIT_OK
+    return out.result(result, f"rebased {args.cow} onto {result.backing_file} (mtime {result.mtime}){copied}", args.cow)
 
 
 REBASE = Command(
@@ -60,6 +63,11 @@ def _diff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", metavar="BASE", help="the original raw image (the new COW file's backing file)")
     p.add_argument("modified", metavar="MODIFIED", help="the modified image (raw or COW)")
     p.add_argument("-o", "--output", metavar="COW", required=True, help="the COW file to create")
+    p.add_argument(
+        "--modified-backing",
+        metavar="PATH",
+        help="if MODIFIED is a COW file: use this backing file instead of the one it records (only read)",
+    )
     _add_overwrite(p)
     add_no_lock(p)
     add_common(p)
@@ -77,22 +85,26 @@ def cmd_diff(args: argparse.Namespace, out: Output) -> int:
             overwrite=args.overwrite,
             progress=bar.update,
             lock=not args.no_lock,
+            modified_backing=args.modified_backing,
         )
-    out.result(
+    return out.result(
         result,
         f"wrote {result.output}: {result.pages} pages ({result.sectors} sectors) differ from {args.base} "
         f"({result.zero_sectors} sectors of them zeros, stored as holes)",
+        args.modified,
+        against=args.base,
     )
-    return EXIT_OK
 
 
 DIFF = Command(
     "diff",
-    help="make a COW file on BASE holding where MODIFIED differs (thin a full copy)",
-    description="Create a v3 COW file on BASE whose virtual disk equals MODIFIED, holding only "
-    "the sectors that differ (zeros as holes).",
+    help="make a COW file on BASE holding the 4 KiB pages where MODIFIED differs (thin a full copy)",
+    description="Create a v3 COW file on BASE whose virtual disk equals MODIFIED, holding only the 4 KiB pages "
+    "that differ, whole (the Linux ubd driver misreads pages that mix COW and backing sectors); pages of zeros "
+    "are stored as holes.",
     arguments=_diff_arguments,
     handler=cmd_diff,
+    option_for=lambda key, file, args: "modified_backing" if key == "backing" else key,
 )
 
 
@@ -130,16 +142,21 @@ def cmd_convert(args: argparse.Namespace, out: Output) -> int:
         print(
             f"warning: {result.output}: {plural(n, 'mixed page')} carried over as "
             f"{'it is' if n == 1 else 'they are'} ({result.backing_problem}); the Linux ubd driver misreads "
-            f"them: fix with ubdcow check --repair {result.output} once the backing file matches",
+            f"them; once the backing file matches, make them whole: {_repair_line(args, result.output)}",
             file=out.stderr,
         )
     filled = f", {result.filled_pages} mixed pages made whole" if result.filled_pages else ""
-    out.result(
+    return out.result(
         result,
         f"converted {args.cow} ({result.source_layout}) -> {result.output} ({result.layout}), "
         f"{result.sectors} written sectors carried over{filled}",
+        args.cow,
     )
-    return EXIT_OK
+
+
+def _repair_line(args: argparse.Namespace, output: str) -> str:
+    """``ubdcow check OUTPUT --repair``, with the backing file the user named (if any)."""
+    return command_line("check", args, disk=output, carry=("backing",), set={"repair": True})
 
 
 CONVERT = Command(

@@ -5,7 +5,19 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .base import SEVERAL_FILES, Bar, Command, Output, add_common, add_cows, add_no_lock, disk_size, plural, several
+from .base import (
+    SEVERAL_FILES,
+    Bar,
+    Command,
+    Output,
+    add_common,
+    add_cows,
+    add_no_lock,
+    command_line,
+    disk_size,
+    plural,
+    several,
+)
 
 if TYPE_CHECKING:
     from ..compact import CompactResult
@@ -48,10 +60,8 @@ def cmd_compact(args: argparse.Namespace, out: Output) -> int:
     def show(r: CompactResult) -> int:
         out.line(summary(r, out))
         if r.mixed_pages:
-            out.line(
-                f"note: {plural(r.mixed_pages, 'mixed page')} left as they are; "
-                f"ubdcow check --repair {r.file} makes them whole"
-            )
+            repair = command_line("check", args, disk=r.file, carry=("backing", "no_lock"), set={"repair": True})
+            out.line(f"note: {plural(r.mixed_pages, 'mixed page')} left as they are; to make them whole: {repair}")
         return 0
 
     return several(args.cows, out, run, show, lambda r: (0, r.as_dict()), blank_lines=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .base import Bar, Command, Output, add_common, add_no_lock, disk_size
+from .base import Bar, Command, Output, add_common, add_no_lock, disk_record, disk_size
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -30,15 +30,23 @@ def cmd_compare(args: argparse.Namespace, out: Output) -> int:
             progress=bar.update,
             lock=not args.no_lock,
         )
+    code = 0 if result.identical else 1
     if out.json:
-        out.dump(result.as_dict())
-    elif result.identical:
+        return out.document(disk_record(args.a, result.as_dict(), against=args.b), code)
+    if result.identical:
         out.line("identical")
     elif result.size_a != result.size_b and result.first_difference == min(result.size_a, result.size_b):
         out.line(f"differ: sizes {result.size_a} and {result.size_b}; identical up to the shorter one")
     else:
         out.line(f"differ: first difference at byte offset {result.first_difference}")
-    return 0 if result.identical else 1
+    return code
+
+
+def _option_for(key: str, file: str | None, args: argparse.Namespace) -> str | None:
+    """A fix's ``backing`` is the backing file of the disk at fault: A's or B's."""
+    if key == "backing":
+        return "backing_a" if file == args.a else "backing_b" if file == args.b else None
+    return key
 
 
 COMPARE = Command(
@@ -49,4 +57,5 @@ COMPARE = Command(
     arguments=_arguments,
     handler=cmd_compare,
     error_code=2,
+    option_for=_option_for,
 )

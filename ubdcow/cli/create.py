@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .base import EXIT_OK, Command, Output, add_common, add_cow
+from .base import EXIT_OK, Command, Output, add_common, add_cow, disk_record
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -27,11 +27,8 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
     if out.json:
         from ..inspect import info
 
-        out.dump(info(args.cow))
-    else:
-        out.line(
-            f"created {args.cow}: {header.layout} COW file on {header.backing_file} ({out.size(header.size)} virtual)"
-        )
+        return out.document(disk_record(args.cow, info(args.cow)), EXIT_OK)
+    out.line(f"created {args.cow}: {header.layout} COW file on {header.backing_file} ({out.size(header.size)} virtual)")
     return EXIT_OK
 
 
@@ -41,4 +38,5 @@ CREATE = Command(
     description="Create a v3 COW file on BACKING, as uml_mkcow does. The backing file is only read.",
     arguments=_arguments,
     handler=cmd_create,
+    option_for=lambda key, file, args: "force" if key == "overwrite" else key,
 )

@@ -1,8 +1,11 @@
-"""``ubdcow demo``: a guided tour on a small image, each step with its CLI equivalent.
+"""``ubdcow demo``: a guided tour on a small image, each step a real command.
 
-It builds a patterned backing image, creates a COW file, writes through the
-API (a partial sector and a discard included), shows ``info``, ``map`` and
-``check``, merges, and verifies every byte of the result against a model.
+It builds a patterned backing image, creates a COW file (``ubdcow create``),
+writes through the API (a partial sector and a discard included), runs
+``ubdcow info``, ``map`` and ``check``, merges (``ubdcow merge``), and
+verifies every byte of the result against a model. Each ``$ ubdcow ...`` line
+it prints is run as printed, by the command line's own code, and what
+follows it is that command's output.
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import tempfile
 
 from .base import Command, Output, add_common
-from .inspect import print_info
 
 DEMO_SIZE = 4 << 20  # 4 MiB, 8192 sectors
 DEMO_MTIME = 1_700_000_000
@@ -40,13 +43,13 @@ def run_demo(out: Output, keep: str | None = None) -> int:
     """Run the tour; returns 0, or 1 if a verification failed."""
     if keep:
         os.makedirs(keep, exist_ok=True)
-        return _tour(out, os.path.abspath(keep))
+        return _tour(out, os.path.abspath(keep), kept=True)
     with tempfile.TemporaryDirectory(prefix="ubdcow-demo-") as folder:
-        return _tour(out, folder)
+        return _tour(out, folder, kept=False)
 
 
-def _tour(out: Output, folder: str) -> int:
-    tour = _Tour(out, folder)
+def _tour(out: Output, folder: str, kept: bool) -> int:
+    tour = _Tour(out, folder, kept)
     as_json, out.quiet = out.json, out.quiet or out.json  # with --json, only the summary object is printed
     tour.prepare()
     tour.write()
@@ -58,9 +61,10 @@ def _tour(out: Output, folder: str) -> int:
 class _Tour:
     """The tour's files, the expected virtual disk (``model``) and the verifications so far."""
 
-    def __init__(self, out: Output, folder: str) -> None:
+    def __init__(self, out: Output, folder: str, kept: bool) -> None:
         self.out = out
         self.folder = folder
+        self.kept = kept  # False: a temporary folder, gone when the tour ends
         self.backing = os.path.join(folder, "backing.img")
         self.cow = os.path.join(folder, "overlay.cow")
         self.merged = os.path.join(folder, "merged.img")
@@ -68,11 +72,20 @@ class _Tour:
         self.failures: list[str] = []
         self.checks: list[dict[str, object]] = []
 
-    def step(self, title: str, command: str | None = None) -> None:
+    def step(self, title: str) -> None:
         self.out.line()
         self.out.line(f"== {title}")
-        if command:
-            self.out.line(f"$ {command}")
+
+    def run(self, *argv: str) -> int:
+        """Print ``$ ubdcow ARGV`` and run it as the command line would: what follows is its real output."""
+        from .app import build_parser
+
+        self.out.line("$ " + shlex.join(("ubdcow", *argv)))
+        args = build_parser().parse_args(argv)
+        out = Output(args, self.out.stdout, self.out.stderr)
+        out.quiet = out.quiet or self.out.quiet
+        code: int = args.func(args, out)
+        return code
 
     def verify(self, ok: bool, what: str) -> None:
         self.out.line(f"   {'ok' if ok else 'FAILED'}: {what}")
@@ -82,7 +95,6 @@ class _Tour:
 
     def prepare(self) -> None:
         """A fresh backing image and a COW file on it."""
-        import ubdcow
 
         for stale in (self.cow, self.merged):
             if os.path.exists(stale):
@@ -91,15 +103,15 @@ class _Tour:
         self.step(f"a {DEMO_SIZE >> 20} MiB backing image whose sectors name themselves (its last MiB is a hole)")
         self.model = bytearray(make_backing(self.backing))
         self.out.line(f"   {self.backing}")
-        self.step("create a COW file on it (like uml_mkcow)", f"python -m ubdcow create {self.cow} {self.backing}")
-        ubdcow.create(self.cow, self.backing)
+        self.step("create a COW file on it (like uml_mkcow)")
+        self.run("create", self.cow, self.backing)
 
     def write(self) -> None:
         """Writes through the API, kept in the model too, then read back."""
         import ubdcow
 
         out, model = self.out, self.model
-        self.step("write through the API, as a guest would", "python  # import ubdcow")
+        self.step("write through the Python API (import ubdcow), as a guest would")
         with ubdcow.open(self.cow, "r+") as disk:
             hello = b"Hello from ubdcow! "
             disk.pwrite(hello, 100)  # a partial sector: the rest of sector 0 is kept from the backing
@@ -126,39 +138,28 @@ class _Tour:
         from ..check import check
         from ..inspect import map_image
 
-        out, cow = self.out, self.cow
-        self.step("info: header, backing status, apparent vs allocated size", f"python -m ubdcow info {cow}")
+        cow = self.cow
+        self.step("info: header, backing status, apparent vs allocated size")
+        self.run("info", cow)
         facts = ubdcow.info(cow)
-        print_info(facts, out)
         # whole 4 KiB pages: sector 0's page, 32 sectors, 128 discarded, the last page
         self.verify(facts["cow_sectors"] == 8 + 32 + 128 + 8, "the bitmap records 176 written sectors (whole pages)")
         self.verify(facts["allocated_size"] < facts["apparent_size"], "the COW file is sparse")
 
-        self.step("map: where each range of the disk comes from", f"python -m ubdcow map {cow}")
+        self.step("map: where each range of the disk comes from")
+        self.run("map", cow)
         extents = map_image(cow)
-        for e in extents:
-            out.line(f"   {e['start']:>10} {e['length']:>10} {e['source']:<8} at {e['offset']}")
         self.verify(sum(e["length"] for e in extents) == DEMO_SIZE, "the extents cover the whole disk")
         self.verify(any(e["source"] == "zero" for e in extents), "the discard shows as a 'zero' extent")
 
-        self.step("check: consistency of the COW file and its backing", f"python -m ubdcow check {cow}")
-        report = check(cow)
-        out.line(f"   {report.status}" + "".join(f"\n   {f.severity}: {f.message}" for f in report.findings))
-        self.verify(report.exit_code == 0, "check finds nothing wrong")
+        self.step("check: consistency of the COW file and its backing")
+        code = self.run("check", cow)
+        self.verify(code == 0 and check(cow).exit_code == 0, "check finds nothing wrong (exit 0)")
 
     def merge(self) -> None:
         """Merge, then verify the image's bytes, its sparseness and the untouched backing file."""
-        from ..merge import merge
-
-        self.step(
-            "merge into a new raw image (atomic, sparse; the backing is only read)",
-            f"python -m ubdcow merge {self.cow} -o {self.merged}",
-        )
-        result = merge(self.cow, self.merged)
-        self.out.line(
-            f"   {result.cow_bytes} bytes from the COW file, {result.backing_bytes} from the backing file, "
-            f"{result.hole_bytes} left as holes, in {result.seconds:.3f} s"
-        )
+        self.step("merge into a new raw image (atomic, sparse; the backing is only read)")
+        self.run("merge", self.cow, "-o", self.merged)
         with open(self.merged, "rb") as f:
             merged_bytes = f.read()
         self.verify(
@@ -178,12 +179,13 @@ class _Tour:
         """The summary (a JSON object with ``--json``); 0, or 1 if a verification failed."""
         out = self.out
         out.line()
-        if as_json:
-            out.dump({"folder": self.folder, "ok": not self.failures, "checks": self.checks})
+        if as_json:  # the folder only when it is kept (a temporary one is gone when this is read)
+            folder = self.folder if self.kept else None
+            out.document({"folder": folder, "ok": not self.failures, "checks": self.checks}, 1 if self.failures else 0)
         if self.failures:
             out.line(f"demo: VERIFICATION FAILED: {'; '.join(self.failures)}")
             return 1
-        kept = f"; the files are in {self.folder}" if "ubdcow-demo-" not in self.folder else ""
+        kept = f"; the files are in {self.folder}" if self.kept else ""
         out.line("demo: all checks passed" + kept)
         return 0
 

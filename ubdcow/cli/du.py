@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import TYPE_CHECKING
 
-from .base import EXIT_ERROR, EXIT_OK, Command, Output, add_common, plural
+from .base import EXIT_ERROR, EXIT_OK, Command, Output, add_common, command_line, plural
 
 if TYPE_CHECKING:
     from ..du import DuReport, Group
@@ -31,22 +32,24 @@ def _row(out: Output, g: Group) -> str:
     )
 
 
-def _hint(g: Group) -> str | None:
+def _hint(g: Group, out: Output) -> str | None:
     """What to do about a group that will not boot; a rebase only where it is safe to suggest."""
     n = plural(g.overlays, "overlay")
     if g.reason == "mtime mismatch":
         if g.overlays == 1:
             return g.files[0].hint
+        listing = command_line("du", out.args, set={"all": True})
         return (
             f"{g.backing} was modified, copied or touched after its {n} were made; if its content is unchanged, "
-            f"record its new mtime in each: ubdcow rebase --unsafe COW --backing {g.backing} (--all lists them)"
+            f"record its new mtime in each (to list them: {listing}): "
+            f"ubdcow rebase --unsafe COW --backing {shlex.quote(g.backing or '')}"
         )
     if g.reason == "size mismatch":
         return f"{g.backing} is not the file its {n} were made on (its size differs): do not rebase them onto it"
     if g.reason == "backing file missing":
         return (
-            f"{g.backing} does not exist: if it moved, check a candidate with ubdcow info COW --backing PATH "
-            "before recording it"
+            f"{g.backing} does not exist: if it moved, check a candidate before recording it: "
+            "ubdcow info COW --backing PATH"
         )
     return None
 
@@ -76,7 +79,7 @@ def print_du(report: DuReport, out: Output, show_all: bool) -> None:
         why = reasons[0][0] if len(reasons) == 1 else ", ".join(f"{r} ({n})" for r, n in reasons)
         out.line(f"{plural(refused, 'overlay')} will not boot: {why}")
         for g in report.groups:
-            hint = None if g.boots else _hint(g)
+            hint = None if g.boots else _hint(g, out)
             if hint:
                 out.line(f"hint: {hint}")
     if report.unreadable:
@@ -90,11 +93,14 @@ def cmd_du(args: argparse.Namespace, out: Output) -> int:
     report = du(args.paths, written=args.written)
     for bad in report.unreadable:
         print(f"ubdcow: {bad.error}", file=out.stderr)
+    code = EXIT_ERROR if report.unreadable else EXIT_OK
     if out.json:
-        out.dump(report.as_dict())
-    else:
-        print_du(report, out, args.all)
-    return EXIT_ERROR if report.unreadable else EXIT_OK
+        doc = report.as_dict()
+        for group in doc["groups"]:  # an overlay is a disk: named "disk", as everywhere (docs/cli.md)
+            group["files"] = [{"disk": o.pop("path"), **o} for o in group["files"]]
+        return out.document(doc, code)
+    print_du(report, out, args.all)
+    return code
 
 
 DU = Command(

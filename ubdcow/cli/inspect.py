@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UbdCowError
 from ..lock import describe_holder
 from .base import (
+    EXIT_ERROR,
     EXIT_OK,
     SEVERAL_FILES,
     Bar,
@@ -20,10 +21,11 @@ from .base import (
     add_common,
     add_cows,
     add_no_lock,
+    command_line,
     disk_size,
-    error_record,
+    error_fields,
     plural,
-    report,
+    report_line,
     several,
     when,
     worst,
@@ -57,6 +59,15 @@ def _backing_status(b: dict[str, Any]) -> str:
     if b["exists"]:
         return f"found at {b['path']}, but: {b['problem']}"
     return f"PROBLEM: {b['problem']}"
+
+
+def _in_use(facts: dict[str, Any]) -> str:
+    if not facts["in_use"]:
+        return "no"
+    who = describe_holder(facts["locked_by"])
+    if facts["lock"] == "read":
+        return f"yes, read-locked by {who} (it only reads: commands that write the file are refused)"
+    return f"yes, locked by {who}"
 
 
 def print_info(facts: dict[str, Any], out: Output) -> None:
@@ -105,7 +116,7 @@ def print_info(facts: dict[str, Any], out: Output) -> None:
             "file size",
             f"{out.size(facts['apparent_size'])} apparent, {out.size(facts['allocated_size'])} allocated on disk",
         ),
-        ("in use", f"yes, locked by {describe_holder(facts['locked_by'])}" if facts["in_use"] else "no"),
+        ("in use", _in_use(facts)),
     ]
     out.table(rows)
     if b["hint"] and not out.quiet:
@@ -130,53 +141,63 @@ def _map_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _dump_extents(extents: Iterable[dict[str, Any]], out: Output, indent: str = "") -> None:
-    # streamed: a fragmented 2 TiB image has millions of extents
+    # streamed: a fragmented 2 TiB image has millions of extents (the caller closes the array)
     out.stdout.write("[")
     for i, e in enumerate(extents):
         out.stdout.write(("," if i else "") + "\n  " + indent + json.dumps(e))
-    out.stdout.write("\n" + indent + "]")
 
 
 def cmd_map(args: argparse.Namespace, out: Output) -> int:
-    """``ubdcow map COW ...``."""
+    """``ubdcow map COW ...``: the JSON document is streamed (``{"disks": [{"disk", "extents", "exit_code"}]}``)."""
     from ..inspect import iter_map
 
-    if len(args.cows) == 1:
-        if out.json:
-            _dump_extents(iter_map(args.cows[0]), out)
-            out.stdout.write("\n")
-        else:
-            _print_map(iter_map(args.cows[0]), out)
-        return EXIT_OK
     codes = []
     done = 0
     if out.json:
-        out.stdout.write("[")
+        out.stdout.write('{"disks": [')
+        out.documented = True
     for path in args.cows:
         extents = iter_map(path)
         try:
             first = next(extents, None)  # opens the file: its errors come before any of its output
         except UbdCowError as exc:
-            codes.append(report(exc, out))
+            hint = report_line(exc, out, path)
+            codes.append(EXIT_ERROR)
             if out.json:
-                out.stdout.write(("," if done else "") + "\n  " + json.dumps(error_record(path, exc)))
+                record = {"disk": path, **error_fields(path, exc, hint)}
+                out.stdout.write(("," if done else "") + "\n  " + json.dumps(record))
                 done += 1
             continue
         stream = itertools.chain([] if first is None else [first], extents)
-        if out.json:
-            out.stdout.write(("," if done else "") + '\n  {"file": ' + json.dumps(path) + ', "extents": ')
-            _dump_extents(stream, out, "  ")
-            out.stdout.write("}")
+        code = EXIT_OK
+        try:
+            if out.json:
+                out.stdout.write(("," if done else "") + '\n  {"disk": ' + json.dumps(path) + ', "extents": ')
+                try:
+                    _dump_extents(stream, out, "  ")
+                finally:  # an error while streaming: the document stays whole, the error in this disk's object
+                    out.stdout.write("\n  ]")
+            else:
+                if len(args.cows) > 1:
+                    if done:
+                        out.line()
+                    out.line(f"{path}:")
+                _print_map(stream, out)
+        except UbdCowError as exc:
+            hint = report_line(exc, out, path)
+            code = EXIT_ERROR
+            if out.json:
+                fields = error_fields(path, exc, hint)
+                out.stdout.write(", " + json.dumps(fields)[1:-1] + "}")
         else:
-            if done:
-                out.line()
-            out.line(f"{path}:")
-            _print_map(stream, out)
+            if out.json:
+                out.stdout.write(', "exit_code": 0}')
         done += 1
-        codes.append(EXIT_OK)
+        codes.append(code)
+    code = worst(codes)
     if out.json:
-        out.stdout.write("\n]\n")
-    return worst(codes)
+        out.stdout.write(f'\n], "exit_code": {code}}}\n')
+    return code
 
 
 def _print_map(extents: Iterable[dict[str, Any]], out: Output) -> None:
@@ -247,10 +268,10 @@ def _print_check(args: argparse.Namespace, report: CheckReport, out: Output) -> 
         )
     for f in report.findings:
         out.line(f"{f.severity}: {f.message} [{f.code}]")
-    _check_verdict(report.file, report, out)
+    _check_verdict(args, report.file, report, out)
 
 
-def _check_verdict(cow: str, report: CheckReport, out: Output) -> None:
+def _check_verdict(args: argparse.Namespace, cow: str, report: CheckReport, out: Output) -> None:
     warned = any(f.severity == "warning" for f in report.findings)
     verdict = {
         0: "clean" + (" (the warnings above do not make it corrupt)" if warned else ""),
@@ -259,9 +280,16 @@ def _check_verdict(cow: str, report: CheckReport, out: Output) -> None:
     }[report.exit_code]
     out.line(f"{cow}: {verdict}")
     if report.exit_code == 3 and any(f.code == "backing-mtime" for f in report.findings):
-        out.line(f"hint: if the backing file's content is unchanged: ubdcow rebase --unsafe {cow} --backing PATH")
+        rebase = command_line(
+            "rebase",
+            args,
+            carry=("backing", "no_lock"),
+            set={"cow": cow, "unsafe": True, "backing": args.backing or "PATH"},
+        )
+        out.line(f"hint: if the backing file's content is unchanged: {rebase}")
     if report.mixed_pages:
-        out.line(f"hint: make the mixed pages whole (the content stays the same): ubdcow check --repair {cow}")
+        repair = command_line("check", args, disk=cow, set={"repair": True})
+        out.line(f"hint: make the mixed pages whole (the content stays the same): {repair}")
 
 
 CHECK = Command(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from .base import EXIT_OK, Bar, Command, Output, add_common, add_cow, add_no_lock
+from .base import Bar, Command, Output, add_common, add_cow, add_no_lock
 
 if TYPE_CHECKING:
     from ..merge import MergeResult
@@ -79,13 +79,13 @@ def cmd_merge(args: argparse.Namespace, out: Output) -> int:
     if output == "-":
         out.stdout = out.stderr  # the image owns stdout
     shared = f", {out.size(result.shared_bytes)} shared (reflink)" if result.shared_bytes else ""
-    out.result(
+    return out.result(
         result,
         f"merged {args.cow} -> {result.output}: {out.size(result.size)} "
         f"({out.size(result.cow_bytes)} from the COW file, {out.size(result.backing_bytes)} from the "
         f"backing file; {out.size(result.hole_bytes)} left as holes{shared}) in {result.seconds:.2f} s",
+        args.cow,
     )
-    return EXIT_OK
 
 
 MERGE = Command(

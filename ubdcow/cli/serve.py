@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .base import Command, Output, add_cow
+from .base import Command, Output, UsageError, add_cow
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -30,13 +30,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bind",
         metavar="ADDR",
-        default="127.0.0.1",
-        help="the address to listen on with --port (default: 127.0.0.1; another one without TLS prints a warning)",
+        help="with --port: the address to listen on (default: 127.0.0.1; another one without TLS prints a warning); "
+        "refused without --port",
     )
     p.add_argument(
         "--run",
         metavar="CMD",
-        help="run the shell command CMD with $uri set, stop the server when it exits, and exit with its status (e.g. "
+        help="run the shell command CMD with $uri (and nbdkit's other variables: $unixsocket, $port, $tls, "
+        "$exportname) set and exported, stop the server when it exits, and exit with its status (e.g. "
         "--run 'nbdcopy \"$uri\" disk.img')",
     )
     tls = p.add_mutually_exclusive_group()
@@ -68,10 +69,10 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     """``ubdcow serve``: the exit code is nbdkit's, or with ``--run`` the command's."""
     from ..serve import ServeOptions, serve
 
-    if args.port is None and args.bind != "127.0.0.1":
-        raise _usage("--bind needs --port")
+    if args.port is None and args.bind is not None:
+        raise UsageError("--bind needs --port (without --port the disk is served on a Unix socket)")
     if args.port is not None and not 0 < args.port < 65536:
-        raise _usage(f"--port {args.port}: not a TCP port (1-65535)")
+        raise UsageError(f"--port {args.port}: not a TCP port (1-65535)")
     opts = ServeOptions(
         cow=args.cow,
         backing=args.backing,
@@ -80,19 +81,21 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
         lock=not args.no_lock,
         socket=args.socket,
         port=args.port,
-        bind=args.bind,
+        bind=args.bind or "127.0.0.1",
         run=args.run,
         tls_psk=args.tls_psk,
         tls_certificates=args.tls_certificates,
         backing_holes=args.backing_holes,
     )
-    # With --run the command owns stdout (it may stream the disk there): the URI goes to stderr.
-    stream = out.stderr if args.run is not None else out.stdout
+    # With --run the command owns stdout (it may stream the disk there): the "serving" line goes to stderr;
+    # the --json line stays on stdout (one JSON document there, before the command's output).
+    stream = out.stderr if args.run is not None and not out.json else out.stdout
 
     def ready(uri: str, pid: int, socket: str | None) -> None:
-        if out.json:
-            facts = {"uri": uri, "cow": args.cow, "writable": args.writable, "socket": socket, "port": args.port}
+        if out.json:  # printed while serving: the exit code is not known yet (docs/cli.md, "JSON output")
+            facts = {"disk": args.cow, "uri": uri, "writable": args.writable, "socket": socket, "port": args.port}
             print(json.dumps({**facts, "pid": pid}), file=stream, flush=True)
+            out.documented = True
         elif not out.quiet:
             mode = "writable" if args.writable else "read-only"
             print(f"serving {args.cow} ({mode}) at {uri}", file=stream, flush=True)
@@ -116,12 +119,6 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _usage(message: str) -> Exception:
-    from ..errors import ServeError
-
-    return ServeError(None, message)
-
-
 SERVE = Command(
     "serve",
     "serve the virtual disk over NBD (nbdkit)",
@@ -129,8 +126,9 @@ SERVE = Command(
     "with ubdcow's Python plugin in the foreground, until Ctrl-C, SIGTERM or the end of --run CMD. Read-only unless "
     "--writable. The COW file's lock is held while serving (a write lock with --writable), so a running guest makes "
     "serve refuse, and a guest started meanwhile is refused. Needs the Debian packages nbdkit and "
-    "nbdkit-plugin-python, whose Python must be this one's version. Exit: 0 when stopped, 1 on errors, with --run "
-    "CMD's status, 130 interrupted, 143 terminated. See docs/serve.md.",
+    "nbdkit-plugin-python, whose Python must be this one's version. Exit: 1 on errors, 2 usage errors, with --run "
+    "CMD's status; without --run, 130 when stopped with Ctrl-C, 143 with SIGTERM (0 if nbdkit itself was told "
+    "to stop). See docs/serve.md.",
     _arguments,
     cmd_serve,
 )

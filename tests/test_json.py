@@ -1,0 +1,177 @@
+"""One JSON convention for every command (issue 21), checked against the schema docs/cli.md writes down.
+
+For every command of ``COMMANDS`` (a new command fails here until it has its scenarios and its row in
+docs/cli.md's "JSON output" table), with ``--json``: success and failure, one file and several, and a usage
+error. Each run's stdout must be exactly one JSON document whose keys are the documented ones; failures carry
+``error``, ``hint`` and ``exit_code``; the input is ``disk`` everywhere; stderr keeps the human line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_cli
+from nbdlab import require_nbd
+
+from ubdcow.cli.app import COMMANDS
+
+DOC = Path(__file__).parent.parent / "docs" / "cli.md"
+ERROR_KEYS = {"error", "hint", "exit_code"}
+
+
+def schema() -> dict[str, tuple[set[str], set[str]]]:
+    """docs/cli.md's table: command -> (the success document's keys, the keys of each element of ``disks``)."""
+    text = DOC.read_text()
+    section = text[text.index("\n## JSON output\n"):]
+    section = section[: section.index("\n## ", 5)]
+    table = {}
+    for row in re.findall(r"^\| `(\w+)` \| (.*?) \| (.*?) \|$", section, re.M):
+        name, top, disks = row
+        table[name] = (set(re.findall(r"`(\w+)`", top)), set(re.findall(r"`(\w+)`", disks)))
+    return table
+
+
+@dataclass
+class Scenario:
+    """The command lines of one command (``{d}``: the demo folder); ``several``: it takes several COW files."""
+
+    ok: list[str]
+    fail: list[str] | None
+    several: bool = False
+    ok_code: int = 0
+    needs: tuple[str, ...] = ()
+    fail_shape: str = "error"  # "error": {error, hint, exit_code}; "document": the success shape, exit 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "info": Scenario(["info", "{d}/overlay.cow"], ["info", "{d}/missing.cow"], several=True),
+    "create": Scenario(["create", "{d}/new.cow", "{d}/backing.img"], ["create", "{d}/overlay.cow", "{d}/backing.img"]),
+    "merge": Scenario(["merge", "{d}/overlay.cow", "-o", "{d}/flat.img"], ["merge", "{d}/missing.cow"]),
+    "map": Scenario(["map", "{d}/overlay.cow"], ["map", "{d}/missing.cow"], several=True),
+    "check": Scenario(["check", "{d}/overlay.cow"], ["check", "{d}/missing.cow"], several=True),
+    "compare": Scenario(["compare", "{d}/overlay.cow", "{d}/merged.img"],
+                        ["compare", "{d}/missing.cow", "{d}/merged.img"]),
+    "rebase": Scenario(["rebase", "--unsafe", "{d}/overlay.cow", "--backing", "{d}/backing.img"],
+                       ["rebase", "{d}/missing.cow", "--backing", "{d}/backing.img"]),
+    "diff": Scenario(["diff", "{d}/backing.img", "{d}/merged.img", "-o", "{d}/thin.cow"],
+                     ["diff", "{d}/backing.img", "{d}/missing.img", "-o", "{d}/thin2.cow"]),
+    "convert": Scenario(["convert", "{d}/overlay.cow", "-o", "{d}/v2.cow", "--layout", "v2"],
+                        ["convert", "{d}/missing.cow", "-o", "{d}/v2b.cow"]),
+    "serve": Scenario(["serve", "{d}/overlay.cow", "--run", "true"], ["serve", "{d}/missing.cow"],
+                      needs=("nbdkit",)),
+    "du": Scenario(["du", "{d}"], ["du", "{d}", "{d}/missing"], fail_shape="document"),
+    "compact": Scenario(["compact", "--dry-run", "{d}/overlay.cow"], ["compact", "{d}/missing.cow"], several=True),
+    "demo": Scenario(["demo"], None),
+}
+
+
+def test_every_command_has_scenarios_and_a_documented_schema() -> None:
+    names = {c.name for c in COMMANDS}
+    assert set(SCENARIOS) == names, "a command without JSON scenarios here"
+    assert set(schema()) == names, "a command without its row in docs/cli.md's JSON output table"
+
+
+def _json(argv: list[str], folder: Path, code: int | None = None) -> tuple[dict[str, Any], str]:
+    proc = run_cli(*[a.format(d=folder) for a in argv], "--json")
+    text = proc.stdout.decode()
+    doc = json.loads(text)  # exactly one document: json.loads refuses anything after it
+    assert isinstance(doc, dict), doc
+    if not (argv[0] == "serve" and "uri" in doc):  # serve's ready line is printed before it knows its exit code
+        assert doc["exit_code"] == proc.returncode, (doc, proc.returncode)
+    if code is not None:
+        assert proc.returncode == code, (argv, proc.returncode, proc.stderr)
+    return doc, proc.stderr.decode()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Path:
+    assert run_cli("demo", "--keep", tmp_path).returncode == 0
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_json_documents_follow_the_schema(name: str, lab: Path) -> None:
+    scenario = SCENARIOS[name]
+    for tool in scenario.needs:
+        require_nbd(tool)
+    top, per_disk = schema()[name]
+
+    def check_success(doc: dict[str, Any], count: int) -> None:
+        assert set(doc) == top, (name, set(doc) ^ top)
+        if "disks" in top:
+            assert len(doc["disks"]) == count
+            for element in doc["disks"]:
+                assert set(element) == per_disk, (name, set(element) ^ per_disk)
+                assert element["disk"] == str(lab / "overlay.cow")
+        elif "disk" in top:
+            assert doc["disk"] in {a.format(d=lab) for a in scenario.ok}
+        for key in ("seconds",):  # durations are unrounded floats, sizes integers
+            if key in doc:
+                assert isinstance(doc[key], float)
+        for key, value in doc.items():
+            if key.endswith(("_bytes", "_size")) and value is not None:
+                assert isinstance(value, int) and not isinstance(value, bool), (key, value)
+
+    doc, _ = _json(scenario.ok, lab, scenario.ok_code)
+    check_success(doc, 1)
+    if scenario.several:
+        doc, _ = _json(scenario.ok + [scenario.ok[-1]], lab, scenario.ok_code)
+        check_success(doc, 2)
+    if scenario.fail is not None:
+        doc, err = _json(scenario.fail, lab)
+        assert doc["exit_code"] != 0
+        assert err.startswith("ubdcow: "), err  # stderr keeps the one-line human message
+        if scenario.several:  # one failing file: the same shape as several
+            assert set(doc) == {"disks", "exit_code"}
+            (element,) = doc["disks"]
+            assert set(element) == {"disk"} | ERROR_KEYS
+            assert element["disk"] == str(lab / "missing.cow")
+            assert "missing.cow" not in element["error"], "the error repeats the file name"
+            assert element["error"] in err
+            # and several, one of them failing: each file its element, the worst exit code
+            doc, err = _json(scenario.ok + [scenario.fail[-1]], lab)
+            assert [set(e) for e in doc["disks"]] == [per_disk, {"disk"} | ERROR_KEYS]
+            assert doc["exit_code"] == doc["disks"][1]["exit_code"] == 1
+        elif scenario.fail_shape == "document":
+            assert set(doc) == top and doc["exit_code"] == 1
+        else:
+            assert set(doc) == ERROR_KEYS, doc
+            assert f"ubdcow: {doc['error']}" == err.splitlines()[0]
+            assert doc["hint"] is None or f"hint: {doc['hint']}" in err
+    # a usage error under --json: the error document too, exit 2, and the command's own usage on stderr
+    doc, err = _json([*scenario.ok, "--no-such-option"], lab, 2)
+    assert set(doc) == ERROR_KEYS and doc["error"] == f"ubdcow {name}: unrecognized arguments: --no-such-option"
+    assert err.startswith(f"usage: ubdcow {name} ")
+
+
+def test_serve_json_goes_to_stdout_even_with_run(lab: Path) -> None:
+    require_nbd("nbdkit")
+    proc = run_cli("serve", lab / "overlay.cow", "--json", "--run", "echo from-the-command")
+    assert proc.returncode == 0, proc.stderr
+    first, rest = proc.stdout.decode().split("\n", 1)
+    ready = json.loads(first)
+    assert ready["disk"] == str(lab / "overlay.cow") and ready["uri"].startswith("nbd+unix://")
+    assert rest == "from-the-command\n"  # the command's output follows the one document
+    assert proc.stderr == b""
+
+
+def test_demo_json_names_no_deleted_folder(lab: Path, tmp_path: Path) -> None:
+    doc, _ = _json(["demo"], lab, 0)
+    assert doc["folder"] is None and doc["ok"] is True
+    kept = tmp_path / "kept"
+    doc, _ = _json(["demo", "--keep", str(kept)], lab, 0)
+    assert doc["folder"] == str(kept) and (kept / "overlay.cow").exists()
+
+
+def test_compact_seconds_are_not_rounded(lab: Path) -> None:
+    shutil.copy(lab / "overlay.cow", lab / "c.cow")
+    doc, _ = _json(["compact", "{d}/c.cow"], lab, 0)
+    seconds = doc["disks"][0]["seconds"]
+    assert isinstance(seconds, float) and seconds > 0 and seconds != round(seconds, 3)
