@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import require_tool
 from uml import FAIL, Guest, checked, guest, need_guest_tools, run_guest, ubd_arg
+from uml import kernel as uml_kernel
 
 import ubdcow
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.uml
 @pytest.fixture(autouse=True)
 def _kernel() -> str:
     """Skip (or fail under UBDCOW_REQUIRE_UML=1) before any work when the UML kernel is absent."""
-    return require_tool("linux.uml")
+    return uml_kernel()
 
 SECTOR = 512
 GiB = 1 << 30
