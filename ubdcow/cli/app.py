@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from .. import __version__, _signals
 from ..errors import UbdCowError
 from . import change, compact, compare, create, demo, du, inspect, merge, serve
 from .base import (
@@ -16,6 +15,7 @@ from .base import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
+    EXIT_USAGE,
     Command,
     Handler,
     Output,
@@ -60,10 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
@@ -72,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Handler = args.func
     previous = None
     try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = _signals.install()  # SIGTERM raises Terminated, SIGINT KeyboardInterrupt (see _signals)
     except ValueError:  # not the main thread
         pass
     try:
@@ -80,9 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UbdCowError as exc:
         return report(exc, out, args.error_code)
     except KeyboardInterrupt:
+        _signals.undo_all()  # clean-ups the signal kept from starting
         print("ubdcow: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated:
+        _signals.undo_all()
         print("ubdcow: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except BrokenPipeError:
@@ -93,8 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ubdcow: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
+        _signals.undo_all()  # (nothing, unless an error cut a clean-up short)
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            _signals.restore(previous)
 
 
 def _silence_stdout() -> None:
@@ -107,14 +106,34 @@ def _silence_stdout() -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    if os.environ.get("UBDCOW_DEBUG"):
-        sys.exit(main())
+    """Console-script entry point.
+
+    The signal handlers are ubdcow's from here to the exit: the first SIGTERM or SIGINT, wherever it lands,
+    ends in 143 or 130 (the outer ``try``), and once the exit code is known later ones are ignored.
+    """
+    debug = bool(os.environ.get("UBDCOW_DEBUG"))
     try:
-        code = main()
-    except SystemExit:
-        raise
-    except Exception as exc:  # a bug: one line, not a traceback (UBDCOW_DEBUG=1 shows it)
-        print(f"ubdcow: internal error: {type(exc).__name__}: {exc} (set UBDCOW_DEBUG=1 for details)", file=sys.stderr)
-        code = EXIT_INTERNAL
+        try:
+            _signals.install()
+            code = main()
+        except SystemExit as exc:  # argparse: --help, --version, usage errors
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+        except Exception as exc:  # a bug: one line, not a traceback (UBDCOW_DEBUG=1 shows it)
+            if debug:
+                raise
+            print(
+                f"ubdcow: internal error: {type(exc).__name__}: {exc} (set UBDCOW_DEBUG=1 for details)", file=sys.stderr
+            )
+            code = EXIT_INTERNAL
+        _signals.ignore()
+    except KeyboardInterrupt:  # the first signal came outside main's own handling
+        _signals.undo_all()
+        print("ubdcow: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except Terminated:
+        _signals.undo_all()
+        print("ubdcow: terminated", file=sys.stderr)
+        code = EXIT_TERMINATED
     sys.exit(code)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO, TypeVar
 
+from .._signals import Terminated as Terminated  # (raised on SIGTERM; here for the commands)
 from ..errors import UbdCowError
 
 EXIT_OK = 0
@@ -25,10 +26,6 @@ EXIT_TERMINATED = 143
 EXIT_INTERNAL = 70
 
 T = TypeVar("T")
-
-
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, so that cleanup code runs."""
 
 
 def human(n: int | None, exact: bool = False) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import tempfile
 
+from .._signals import deferred, register, release
 from .base import Command, Output, add_common
 from .inspect import print_info
 
@@ -41,8 +43,21 @@ def run_demo(out: Output, keep: str | None = None) -> int:
     if keep:
         os.makedirs(keep, exist_ok=True)
         return _tour(out, os.path.abspath(keep))
-    with tempfile.TemporaryDirectory(prefix="ubdcow-demo-") as folder:
+    folder = ""
+
+    def remove() -> None:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    with deferred():  # made and its removal registered together (see ubdcow._signals)
+        undo = register(remove)
+        folder = tempfile.mkdtemp(prefix="ubdcow-demo-")
+    try:
         return _tour(out, folder)
+    finally:
+        with deferred():
+            release(undo)
+            remove()
 
 
 def _tour(out: Output, folder: str) -> int:
