@@ -21,7 +21,9 @@ Python's "Fatal Python error"; it has made nothing yet.
 
 The last tests deliver SIGTERM inside one step itself (in this process, through ``main``): between
 making the merge's writer thread and starting it (the race of issue 20), as the temporary file is
-made, in the final rename, during the clean-up after an error, as nbdkit starts.
+made, in the final rename, during the clean-up after an error, as nbdkit starts; and at both
+boundaries of every deferred section of a run (ubdcow/_signals.py): just before it starts (it never
+runs, so what it would have cleaned must go on the way out) and inside it (raised as it ends).
 
 UBDCOW_SIGNAL_TRIALS sets the grid trials per command and signal; setting it also gives SIGINT every event
 trigger. The default (2, and SIGINT only the middle event) runs the file in under a minute; a campaign of
@@ -712,3 +714,4 @@ def test_a_signal_at_each_boundary_of_each_deferred_section(
     for at in range(1, sections + 1):
         for how in ("before", "inside"):
             assert trial(at, how) == 143, f"a signal {how} section {at} of {sections}"
+    print(f"\n{name}: {sections} deferred sections, a signal at both boundaries of each: {2 * sections} runs")
