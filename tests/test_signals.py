@@ -328,8 +328,9 @@ def run_trial(cmd: Command, inp: Inputs, trial: Path, sig: int | None, *, delay:
                 if phase(cmd, proc.pid, trial, tmp) not in ("start-up", "exited"):
                     ready = time.monotonic() - t0
         elif delay is not None:
+            start_up_ends = time.monotonic() + 60
             while after_handlers and phase(cmd, proc.pid, trial, tmp) == "start-up":
-                pass
+                assert time.monotonic() < start_up_ends, "no signal handlers in 60 s"
             time.sleep(delay)
             seen = phase(cmd, proc.pid, trial, tmp)
             proc.send_signal(sig)
@@ -351,6 +352,8 @@ def run_trial(cmd: Command, inp: Inputs, trial: Path, sig: int | None, *, delay:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             states = [(pid, proc_status(pid).get("State"), line) for pid, line in processes_of(token)]
+            for pid, *_ in states:
+                os.kill(pid, signal.SIGKILL)
             pytest.fail(f"{cmd.name}: still running {timeout} s after the signal (phase {seen!r}): {states}")
     finally:
         if proc.poll() is None:
