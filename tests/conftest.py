@@ -24,6 +24,13 @@ GEOMETRY_KEYS = ("version", "layout", "mtime", "size", "sectorsize", "alignment"
                  "data_offset", "sectors")
 
 
+def pytest_report_header() -> list[str]:
+    """The UML kernel the guest tests boot and its version, so every log shows which kernel judged the run."""
+    from uml import kernel_description
+
+    return [kernel_description()]
+
+
 def require(condition: object, message: str) -> None:
     """Skip the test with ``message`` unless ``condition`` holds; under UBDCOW_REQUIRE_UML=1 fail instead.
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import fslab
 import pytest
-from conftest import require_tool, run_cli
+from conftest import run_cli
 from fslab import PAGE, checked, q
+from uml import kernel as uml_kernel
 from uml import ubd_arg
 
 import ubdcow
@@ -38,7 +39,7 @@ def no_zero_page(data: bytes) -> bool:
 
 
 def test_compact_gives_back_what_the_guest_rewrote_and_the_guest_reads_every_file(tmp_path: Path) -> None:
-    require_tool("linux.uml")
+    uml_kernel()
     lines = fslab.guest_tool_lines()
     d = tmp_path
     tree, folders = fslab.make_tree(d / "src", seed=0xC0A7)

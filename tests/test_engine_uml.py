@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import require_tool
 from uml import FAIL, Guest, checked, guest, need_guest_tools, run_guest, ubd_arg
+from uml import kernel as uml_kernel
 
 import ubdcow
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.uml
 @pytest.fixture(autouse=True)
 def _kernel() -> str:
     """Skip (or fail under UBDCOW_REQUIRE_UML=1) before any work when the UML kernel is absent."""
-    return require_tool("linux.uml")
+    return uml_kernel()
 
 SECTOR = 512
 GiB = 1 << 30
@@ -446,12 +447,13 @@ def test_running_guest_locks_out_ubdcow(tmp_path: Path) -> None:
         with pytest.raises(ubdcow.ImageLockedError) as excinfo:
             ubdcow.create(cow, backing, overwrite=True)
         errors.append(excinfo.value)
+        comm = os.path.basename(uml_kernel())[:15]  # "linux.uml" (the kernel's file name, as the kernel keeps it)
         for err in errors:
             assert err.pid == guest_pid, (err.pid, guest_pid, str(err))
             assert str(guest_pid) in str(err), str(err)
-            assert "linux.uml" in str(err), str(err)
-        # the named pid is a linux.uml process of this guest (its process group is the one we started)
-        assert Path(f"/proc/{guest_pid}/comm").read_text().strip() == "linux.uml"
+            assert comm in str(err), str(err)
+        # the named pid is a process of this guest's kernel (its process group is the one we started)
+        assert Path(f"/proc/{guest_pid}/comm").read_text().strip() == comm
         assert os.getpgid(guest_pid) == proc.pid
         # our failed attempts left no lock of ours behind, and the guest's lock is untouched
         assert _posix_locks(cow) == cow_locks
@@ -472,25 +474,39 @@ def test_running_guest_locks_out_ubdcow(tmp_path: Path) -> None:
 
 
 def test_ubdcow_lock_keeps_guest_out(tmp_path: Path) -> None:
-    """The other direction: while ubdcow holds "r+" the kernel cannot attach the device."""
+    """The other direction: while ubdcow holds "r+" the kernel cannot attach the device.
+
+    The kernel's F_SETLK fails (it sees our OFD lock, with pid -1). How the guest is then refused depends
+    on the kernel: 6.1 makes /dev/ubdb and fails to open it, 7.2 makes no /dev/ubdb at all. Either way the
+    guest must neither read nor write the disk: both fail, and the COW file's bytes do not change.
+    """
     rng = random.Random(0xD1)
     backing = tmp_path / "backing.img"
     cow = tmp_path / "overlay.cow"
     make_backing(backing, 1024 * 1024, rng)
     ubdcow.create(cow, backing)
-    script = checked("test -b /dev/ubdb") + checked("dd if=/dev/ubdb of=/dev/null bs=4096 count=1 status=none")
+    page = tmp_path / "page.bin"
+    page.write_bytes(b"\xa5" * 4096)
+    read = "dd if=/dev/ubdb of=/dev/null bs=4096 count=1 status=none"
+    # nocreat: without the node (7.2), dd would make a plain file in the guest's /dev and "succeed"
+    write = f"dd if={q(page)} of=/dev/ubdb bs=4096 seek=2 count=1 oflag=direct conv=notrunc,nocreat status=none"
+    script = "test -b /dev/ubdb && echo UBDCOW-NODE=yes || echo UBDCOW-NODE=no\n" + checked(read) + checked(write)
     with ubdcow.open(cow, "r+") as disk:
+        disk.pwrite(b"x", 0)
+        disk.flush()
+        before = cow.read_bytes()
         result = run_guest(script, ubd_arg(cow), workdir=tmp_path)
         assert isinstance(result, Guest)
-        disk.pwrite(b"x", 0)
+        after = cow.read_bytes()
     assert result.finished, result.console[-3000:]
-    # the kernel's F_SETLK fails (it sees our OFD lock, with pid -1): the device exists but cannot be opened
     assert "Failed to lock" in result.console, result.console[-3000:]
+    assert "UBDCOW-NODE=" in result.console, result.console[-3000:]  # either way of refusing is right
     failures = [line for line in result.console.splitlines() if line.startswith(FAIL)]
-    assert len(failures) == 1 and "dd if=/dev/ubdb" in failures[0], (
+    assert len(failures) == 2 and "if=/dev/ubdb" in failures[0] and "of=/dev/ubdb" in failures[1], (
         "the guest used /dev/ubdb while ubdcow held the write lock:\n" + result.console[-3000:])
+    assert after == before, "the COW file changed while ubdcow held the write lock"
     # and with the lock released it attaches
-    run_checked(script, ubd_arg(cow), workdir=tmp_path)
+    run_checked(checked("test -b /dev/ubdb") + checked(read), ubd_arg(cow), workdir=tmp_path)
 
 
 # -- (e) a COW file made by uml_mkcow ----------------------------------------------------

@@ -1,6 +1,6 @@
 """Whole pages: every COW file ubdcow writes must read right through a real guest's page cache.
 
-The Linux ubd driver (Debian's 6.1 linux.uml) misreads a 4 KiB page of a COW
+The Linux ubd driver (Debian's linux.uml, 6.1 and 7.2) misreads a 4 KiB page of a COW
 device whose eight bitmap bits are mixed (some set, some clear) when that
 page is not the last one of a multi-page read request: the pages after it
 come from the wrong offsets. A guest's page cache reads in multi-page
@@ -35,8 +35,9 @@ from pathlib import Path
 import fslab
 import numpy as np
 import pytest
-from conftest import require_tool, run_cli
+from conftest import run_cli
 from fslab import PAGE, PAGE_SECTORS, SECTOR, Verdict, checked, q
+from uml import kernel as uml_kernel
 from uml import ubd_arg
 
 import ubdcow
@@ -103,7 +104,7 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
-    require_tool("linux.uml")
+    uml_kernel()
     fslab.guest_tool_lines()  # gate the host programs before any work
     d = tmp_path_factory.mktemp("pages-lab")
     tree, folders = fslab.make_tree(d / "src", seed=0x50A6E)
@@ -359,7 +360,7 @@ def test_guest_odirect_sector_writes_are_repaired_by_check(lab: Lab) -> None:
 
 
 def test_one_mixed_page_in_a_64k_direct_read_then_repair(tmp_path: Path) -> None:
-    require_tool("linux.uml")
+    uml_kernel()
     fslab.require_host_tool("dd", "coreutils")
     rng = random.Random(0x64)
     size = 1 << 20

@@ -17,7 +17,7 @@ from pathlib import Path
 import fslab
 import numpy as np
 import pytest
-from conftest import Case, require_root, require_tool
+from conftest import Case, require_root
 from nbdlab import (
     Server,
     ext4_overlay,
@@ -30,6 +30,7 @@ from nbdlab import (
     serve_run,
     shell_ok,
 )
+from uml import kernel as uml_kernel
 from uml import ubd_arg
 
 import ubdcow
@@ -144,7 +145,7 @@ def test_qcow2_overlay_on_the_raw_backing(tmp_path: Path, align: int, options: s
 
 def test_nbdfuse_loop_mount_of_a_guests_ext4(tmp_path: Path) -> None:
     require_nbd("nbdkit", "nbdfuse", "fusermount3")
-    require_tool("linux.uml")
+    uml_kernel()
     require_root("a loop mount")
     tree, folders, backing, cow = ext4_overlay(tmp_path, seed=0xF5, files=60, static_files=40)
     work = fslab.Workload(tree, folders, tmp_path / "mnt-guest", tmp_path / "payload", random.Random(7))
@@ -168,7 +169,7 @@ def test_nbdfuse_loop_mount_of_a_guests_ext4(tmp_path: Path) -> None:
 
 def test_writes_through_qemu_io_read_back_by_a_guest(tmp_path: Path) -> None:
     require_nbd("nbdkit", "qemu-io")
-    require_tool("linux.uml")
+    uml_kernel()
     rng = random.Random(0x10)
     size = 4 << 20
     cow, backing = random_overlay(tmp_path, size, rng)
@@ -232,7 +233,7 @@ def test_edit_files_of_a_stopped_guest_through_a_writable_export(tmp_path: Path)
     """docs/serve.md's recipe: serve --writable, nbdfuse, a read-write loop mount, edit, unmount; then a real
     guest reads every file right, and the overlay is clean with whole pages."""
     require_nbd("nbdkit", "nbdfuse", "fusermount3")
-    require_tool("linux.uml")
+    uml_kernel()
     require_root("a loop mount")
     tree, folders, backing, cow = ext4_overlay(tmp_path, seed=0xED17, files=40, static_files=30, name="pc1.disk")
     rng = random.Random(0xED)

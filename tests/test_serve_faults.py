@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_tool
 from fslab import checked
 from nbdlab import (
     NBD_CMD_TRIM,
@@ -33,6 +32,7 @@ from nbdlab import (
 )
 from test_engine_uml import _kill_group, _posix_locks, _wait_for
 from uml import Guest, run_guest, ubd_arg
+from uml import kernel as uml_kernel
 
 import ubdcow
 
@@ -232,7 +232,7 @@ def test_odd_writes_fast_zero_and_fua_on_a_writable_export(tmp_path: Path) -> No
 
 def test_a_running_guest_makes_serve_refuse(tmp_path: Path) -> None:
     require_nbd("nbdkit")
-    require_tool("linux.uml")
+    uml_kernel()
     cow, _, _ = _image(tmp_path, 1 << 20)
     proc = run_guest("exec 3</dev/ubdb\necho UBDCOW-READY\nsleep 30\n", ubd_arg(cow), workdir=tmp_path,
                      background=True)
@@ -249,7 +249,7 @@ def test_a_running_guest_makes_serve_refuse(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["read-only", "writable"])
 def test_serve_keeps_a_guest_out(tmp_path: Path, mode: str) -> None:
     require_nbd("nbdkit")
-    require_tool("linux.uml")
+    uml_kernel()
     cow, backing, _ = _image(tmp_path, 1 << 20)
     script = checked("dd if=/dev/ubdb of=/dev/null bs=4096 count=1 status=none")
     args = ("--writable",) if mode == "writable" else ()

@@ -3,6 +3,11 @@
 The guest boots with the host's root as its filesystem (hostfs), runs a shell
 script as init, and halts. The COW file is attached as /dev/ubdb. Files the
 script writes under the host's paths are visible to the test afterwards.
+
+:func:`kernel` is the one place that picks the kernel every guest boots:
+``$UBDCOW_UML_KERNEL`` when set (CI sets it from ``tools/uml-kernel``, which
+provisions a newer kernel where Debian's cannot run guests, e.g. on CPUs with
+AMX), else ``linux.uml`` from PATH.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from conftest import require_tool
+import pytest
+from conftest import find_tool, require_tool
 
 PRELUDE = """#!/bin/sh
 mount -t proc proc /proc 2>/dev/null
@@ -29,6 +35,36 @@ halt -f
 FAIL = "UBDCOW-FAIL"
 #: the Debian package of each host program a guest script runs (the guest runs the host's binaries)
 GUEST_TOOLS = {"dd": "coreutils", "blkdiscard": "util-linux", "sha256sum": "coreutils"}
+
+
+#: the environment variable that names the kernel to boot
+KERNEL_ENV = "UBDCOW_UML_KERNEL"
+
+
+def kernel() -> str:
+    """Path of the UML kernel the guests boot (see the module); skips without one, or fails under
+    UBDCOW_REQUIRE_UML=1. A ``$UBDCOW_UML_KERNEL`` that is not an executable file fails the test."""
+    chosen = os.environ.get(KERNEL_ENV)
+    if chosen:
+        if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+            pytest.fail(f"{KERNEL_ENV}={chosen} is not an executable file")
+        return chosen
+    return require_tool("linux.uml")
+
+
+def kernel_description() -> str:
+    """One line for the pytest header: which kernel the guests boot, and its version."""
+    chosen = os.environ.get(KERNEL_ENV)
+    path = chosen or find_tool("linux.uml")
+    if path is None:
+        return "uml kernel: none (linux.uml is not installed and $UBDCOW_UML_KERNEL is not set): guest tests skip"
+    try:
+        proc = subprocess.run([path, "--version"], capture_output=True, timeout=30)
+        lines = proc.stdout.decode(errors="replace").split()
+        version = lines[0] if proc.returncode == 0 and lines else f"cannot run (exit {proc.returncode})"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        version = f"cannot run ({exc})"
+    return f"uml kernel: {path} ({version}; {'from $' + KERNEL_ENV if chosen else 'linux.uml from PATH'})"
 
 
 class Guest:
@@ -65,7 +101,7 @@ def run_guest(
 
     With ``background=True`` returns the running Popen (stdout is the console).
     """
-    kernel = require_tool("linux.uml")
+    binary = kernel()
     workdir = Path(workdir)
     fd, path = tempfile.mkstemp(prefix="guest-", suffix=".sh", dir=workdir)
     with os.fdopen(fd, "w") as f:
@@ -74,7 +110,7 @@ def run_guest(
     umid_dir = workdir / "uml-home"
     umid_dir.mkdir(exist_ok=True)
     cmd = [
-        kernel,
+        binary,
         f"mem={mem}",
         "rootfstype=hostfs",
         "rootflags=/",

@@ -24,6 +24,7 @@ from types import TracebackType
 
 from . import lock as _lock
 from ._io import fsync_dir, same_file
+from ._signals import deferred, register, release
 from .errors import Fix, ImageIOError, ImageLockedError, OutputError
 
 __all__ = ["AtomicFile", "allowed_bits", "check_output_path", "TMP_SUFFIX"]
@@ -162,21 +163,32 @@ class AtomicFile:
             path = os.path.realpath(path)  # replace the file the link points at, not the link
         self.path = path
         self.overwrite = overwrite
-        directory = os.path.dirname(os.path.abspath(path))
-        base = os.path.basename(path)
-        self.directory = directory
-        _cleanup_stale(directory, base)
-        try:
-            self.fd, self.tmp_path = tempfile.mkstemp(
-                prefix=f".{base}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=directory
-            )
-        except OSError as exc:
-            raise ImageIOError(path, f"cannot create a file in {directory}: {exc.strerror}", errno=exc.errno) from None
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.fd = -1
+        self.tmp_path = ""
         self.committed = False
         self._removed = False
+        self._undo = 0
 
     def __enter__(self) -> AtomicFile:
-        return self
+        """Make the temporary file (here, not in ``__init__``: once it exists, the ``with`` block removes it)."""
+        base = os.path.basename(self.path)
+        _cleanup_stale(self.directory, base)
+        try:
+            with deferred():  # made and its removal registered together (see _signals)
+                try:
+                    self.fd, self.tmp_path = tempfile.mkstemp(
+                        prefix=f".{base}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=self.directory
+                    )
+                except OSError as exc:
+                    raise ImageIOError(
+                        self.path, f"cannot create a file in {self.directory}: {exc.strerror}", errno=exc.errno
+                    ) from None
+                self._undo = register(self.abort)
+            return self
+        except BaseException:  # a signal raised as the section ends: __exit__ will not run, so remove it here
+            self.abort()
+            raise
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -188,8 +200,7 @@ class AtomicFile:
         try:
             self._set_owner_and_mode()
             os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+            self._close()
             if self.overwrite:
                 os.replace(self.tmp_path, self.path)
             else:
@@ -232,14 +243,23 @@ class AtomicFile:
             return
         os.unlink(self.tmp_path)
 
+    def _close(self) -> None:
+        with deferred():  # closed and forgotten together: never closed twice
+            if self.fd >= 0:
+                fd, self.fd = self.fd, -1
+                os.close(fd)
+
     def abort(self) -> None:
-        """Close and remove the temporary file unless committed (idempotent)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if not self.committed and not self._removed:
-            self._removed = True
-            try:
-                os.unlink(self.tmp_path)
-            except FileNotFoundError:
-                pass
+        """Close and remove the temporary file unless committed (idempotent; a signal does not cut it short).
+
+        What was registered after it (merge's writer thread, which writes into it) is stopped first.
+        """
+        with deferred():
+            release(self._undo)
+            self._close()
+            if not self.committed and not self._removed and self.tmp_path:
+                try:
+                    os.unlink(self.tmp_path)  # after a commit cut short by a signal, it may be gone already
+                except FileNotFoundError:
+                    pass
+                self._removed = True

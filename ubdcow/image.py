@@ -237,7 +237,7 @@ class CowImage(_PageWriter, io.RawIOBase):
     def flush(self) -> None:
         """fsync the COW file if anything was written since the last flush."""
         super().flush()
-        if self._dirty:
+        if self._dirty and self._fd >= 0:  # closed already (close() cut short by a signal): nothing to sync
             with self._mutex:
                 try:
                     os.fsync(self._fd)

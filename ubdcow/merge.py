@@ -30,6 +30,7 @@ import numpy as np
 from ._atomic import AtomicFile, check_output_path
 from ._io import Segments, clone_block, clone_range, punch_hole, pwrite_all, read_at, start_writeback
 from ._result import Result
+from ._signals import deferred, register, release
 from .errors import ImageIOError
 from .image import CowImage
 
@@ -94,6 +95,7 @@ class _Copier:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stopping = False
+        self._undo = 0
 
     def take(self) -> bytearray:
         """A free buffer of :data:`CHUNK` bytes, once the writer has given one back."""
@@ -105,9 +107,15 @@ class _Copier:
         """Have ``buf[:n]`` written at ``dst_off`` (all-zero blocks left as holes when sparse); ``buf`` goes
         back to the free buffers after. ``src``, ``src_off``: the file and offset the bytes were read from."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ubdcow-merge-writer", daemon=True)
-            self._thread.start()
+            self._start()
         self._jobs.put((buf, n, dst_off, src, src_off))
+
+    def _start(self) -> None:
+        with deferred():  # started, recorded and its stop registered together: close() never meets a thread
+            thread = threading.Thread(target=self._run, name="ubdcow-merge-writer", daemon=True)
+            thread.start()
+            self._thread = thread
+            self._undo = register(self.close)
 
     def copy(self, src: int, src_off: int, dst_off: int, length: int, src_name: str) -> None:
         """Copy a data range of ``src`` a chunk at a time (all-zero blocks skipped when sparse)."""
@@ -147,11 +155,13 @@ class _Copier:
 
     def close(self) -> None:
         """Stop the writer, dropping what it has not begun, and wait for it."""
-        if self._thread is not None:
-            self._stopping = True
-            self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
+        with deferred():  # a signal does not cut this short: the writer is gone before the output is closed
+            release(self._undo)
+            if self._thread is not None:
+                self._stopping = True
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
 
     def _raise_error(self) -> None:
         if self._error is not None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._atomic import allowed_bits, current_umask
+from ._signals import deferred, register, release
 from .errors import ServeError
 from .image import CowImage
 
@@ -309,41 +310,55 @@ def serve(
                 "read" + (" and write" if opts.writable else "") + " the disk"
             )
     cow_stat, backing_stat = check_image(opts)
-    private = tempfile.mkdtemp(prefix="ubdcow-serve-")  # mode 0700
     final = os.path.abspath(opts.socket) if opts.socket is not None else None
-    staging = None
+    private = staging = None
+    proc: subprocess.Popen[bytes] | None = None
     linked = False
+
+    def clean_up() -> None:
+        if proc is not None:
+            _stop(proc)
+        if linked and final is not None:
+            _remove_socket(final)
+        for folder in (staging, private):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # each folder, socket and process is made and recorded in one deferred section; clean_up is registered
+    # before any of them and sees what was made: a signal at any instant leaves nothing behind (see _signals)
+    with deferred():
+        undo = register(clean_up)
     try:
+        with deferred():
+            private = tempfile.mkdtemp(prefix="ubdcow-serve-")  # mode 0700
         socket_path = None
         if final is not None:  # made in a 0700 folder beside PATH, then linked there (see _publish)
-            staging = _staging_folder(final)
+            with deferred():
+                staging = _staging_folder(final)
             socket_path = os.path.join(staging, "s")
         elif opts.port is None:
             socket_path = os.path.join(private, "nbd.sock")
         pidfile = os.path.join(private, "nbdkit.pid")
         ready = os.path.join(private, "ready")
         cmd = nbdkit_command(nbdkit, opts, socket_path, pidfile, ready)
-        proc = subprocess.Popen(cmd, env=plugin_environment())
-        try:
-            if not _wait_ready(proc, pidfile):
-                return 1 if proc.returncode in (None, 0) else proc.returncode
-            if final is not None and socket_path is not None:
+        with deferred():
+            proc = subprocess.Popen(cmd, env=plugin_environment())
+        if not _wait_ready(proc, pidfile):
+            return 1 if proc.returncode in (None, 0) else proc.returncode
+        if final is not None and socket_path is not None:
+            with deferred():
                 _publish(socket_path, final, cow_stat, backing_stat, opts.writable)
                 linked = True
-                socket_path = final
-            if on_ready is not None:
-                on_ready(uri_of(opts, socket_path), proc.pid, socket_path)
-            with open(ready, "w"):  # --run's command may start (see run_script)
-                pass
-            return proc.wait()
-        finally:
-            _stop(proc)
+            socket_path = final
+        if on_ready is not None:
+            on_ready(uri_of(opts, socket_path), proc.pid, socket_path)
+        with open(ready, "w"):  # --run's command may start (see run_script)
+            pass
+        return proc.wait()
     finally:
-        if linked and final is not None:
-            _remove_socket(final)
-        for folder in (staging, private):
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
+        with deferred():
+            release(undo)
+            clean_up()
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], pidfile: str) -> bool:
@@ -359,15 +374,46 @@ def _wait_ready(proc: subprocess.Popen[bytes], pidfile: str) -> bool:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (nbdkit then closes the image: flush, locks released), SIGKILL after 30 s."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """SIGTERM to nbdkit and all it started, until it exits (it then closes the image: flush, locks released);
+    SIGKILL after 30 s.
+
+    With ``--run`` nbdkit waits for the command, so the command (and what it started) is stopped too: the
+    server it talks to is going away.
+    """
+    deadline = time.monotonic() + 30
+    while proc.poll() is None:
+        sig = signal.SIGTERM if time.monotonic() < deadline else signal.SIGKILL
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass  # gone already
+        try:
+            proc.wait(timeout=0.5)  # again after that: a process the command started meanwhile
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if fields and fields[0] != b"Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 def _remove_socket(path: str) -> None:

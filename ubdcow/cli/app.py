@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .. import __version__
+from .. import __version__, _signals
 from ..errors import UbdCowError
 from . import change, compact, compare, create, demo, du, inspect, merge, serve
 from .base import (
@@ -84,10 +83,6 @@ def build_parser() -> Parser:
     return parser
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def _usage_error(parser: argparse.ArgumentParser, message: str, as_json: bool) -> int:
     """argparse's usage lines (the command's own usage) on stderr; the JSON error document under ``--json``."""
     parser.print_usage(sys.stderr)
@@ -117,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Handler = args.func
     previous = None
     try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = _signals.install()  # SIGTERM raises Terminated, SIGINT KeyboardInterrupt (see _signals)
     except ValueError:  # not the main thread
         pass
     try:
@@ -127,8 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _usage_error(parser.commands[args.command], str(exc), out.json and not out.documented)
     except KeyboardInterrupt:
+        _signals.undo_all()  # clean-ups the signal kept from starting
         return out.failure("interrupted", None, EXIT_INTERRUPTED)
     except Terminated:
+        _signals.undo_all()
         return out.failure("terminated", None, EXIT_TERMINATED)
     except BrokenPipeError:
         _silence_stdout()
@@ -137,8 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         return out.failure(f"{where}{exc.strerror or exc}", None, EXIT_ERROR)
     finally:
+        _signals.undo_all()  # (nothing, unless an error cut a clean-up short)
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            _signals.restore(previous)
 
 
 def _silence_stdout() -> None:
@@ -151,17 +149,35 @@ def _silence_stdout() -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    if os.environ.get("UBDCOW_DEBUG"):
-        sys.exit(main())
+    """Console-script entry point.
+
+    The signal handlers are ubdcow's from here to the exit: the first SIGTERM or SIGINT, wherever it lands,
+    ends in 143 or 130 (the outer ``try``), and once the exit code is known later ones are ignored.
+    """
+    debug = bool(os.environ.get("UBDCOW_DEBUG"))
     try:
-        code = main()
-    except SystemExit:
-        raise
-    except Exception as exc:  # a bug: one line, not a traceback (UBDCOW_DEBUG=1 shows it)
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        print(f"ubdcow: {message} (set UBDCOW_DEBUG=1 for details)", file=sys.stderr)
-        code = EXIT_INTERNAL
-        if wants_json(sys.argv[1:]):  # the JSON document, unless the command had begun to write one
-            print(json.dumps({"error": message, "hint": "set UBDCOW_DEBUG=1 for details", "exit_code": code}))
+        try:
+            _signals.install()
+            code = main()
+        except SystemExit as exc:  # argparse: --help, --version, usage errors
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+        except Exception as exc:  # a bug: one line, not a traceback (UBDCOW_DEBUG=1 shows it)
+            if debug:
+                raise
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            print(f"ubdcow: {message} (set UBDCOW_DEBUG=1 for details)", file=sys.stderr)
+            code = EXIT_INTERNAL
+            if wants_json(sys.argv[1:]):  # the JSON document, unless the command had begun to write one
+                print(json.dumps({"error": message, "hint": "set UBDCOW_DEBUG=1 for details", "exit_code": code}))
+        _signals.ignore()
+    except KeyboardInterrupt:  # the first signal came outside main's own handling
+        _signals.undo_all()
+        print("ubdcow: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except Terminated:
+        _signals.undo_all()
+        print("ubdcow: terminated", file=sys.stderr)
+        code = EXIT_TERMINATED
     sys.exit(code)

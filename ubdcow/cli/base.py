@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO, TypeVar
 
+from .._signals import Terminated as Terminated  # (raised on SIGTERM; here for the commands)
 from ..errors import UbdCowError
 
 EXIT_OK = 0
@@ -31,10 +32,6 @@ T = TypeVar("T")
 class UsageError(Exception):
     """A command line the parser accepted but the command refuses (e.g. ``--bind`` without ``--port``): exit 2,
     with the command's usage, as argparse does."""
-
-
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, so that cleanup code runs."""
 
 
 def human(n: int | None, exact: bool = False) -> str:

@@ -14,8 +14,10 @@ import argparse
 import hashlib
 import os
 import shlex
+import shutil
 import tempfile
 
+from .._signals import deferred, register, release
 from .base import Command, Output, add_common
 
 DEMO_SIZE = 4 << 20  # 4 MiB, 8192 sectors
@@ -44,8 +46,21 @@ def run_demo(out: Output, keep: str | None = None) -> int:
     if keep:
         os.makedirs(keep, exist_ok=True)
         return _tour(out, os.path.abspath(keep), kept=True)
-    with tempfile.TemporaryDirectory(prefix="ubdcow-demo-") as folder:
+    folder = ""
+
+    def remove() -> None:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    with deferred():  # made and its removal registered together (see ubdcow._signals)
+        undo = register(remove)
+        folder = tempfile.mkdtemp(prefix="ubdcow-demo-")
+    try:
         return _tour(out, folder, kept=False)
+    finally:
+        with deferred():
+            release(undo)
+            remove()
 
 
 def _tour(out: Output, folder: str, kept: bool) -> int:
