@@ -350,3 +350,38 @@ def assert_same_view(kernel: dict[bytes, dict[str, Any]], ours: dict[bytes, dict
             if ours[path].get(key) != value:
                 problems.append(f"{path!r} {key}: kernel {value!r:.200} ubdcow {ours[path].get(key)!r:.200}")
     assert not problems, f"{len(problems)} differences:\n" + "\n".join(problems[:30])
+
+
+# -- fuzzing seeds ------------------------------------------------------------------------------------------
+
+#: small filesystems (256 KiB, 1 KiB blocks) of four kinds, as fuzzing seeds
+SEED_LAYOUTS = {
+    "ext4": ("mkfs.ext4", "-O", "^has_journal"),
+    "ext2": ("mkfs.ext2",),
+    "inline": ("mkfs.ext4", "-O", "^has_journal,inline_data"),
+    "rev0": ("mke2fs", "-t", "ext2", "-r", "0"),
+}
+
+
+def make_fuzz_seeds(folder: Path) -> list[Path]:
+    """256 KiB images of a small tree with a bit of everything: 40 small files, a fragmented file (an extent
+    tree of depth 1), symlinks fast and slow, an xattr, a FIFO, nested folders."""
+    tree = folder / "seed-tree"
+    (tree / "d" / "e").mkdir(parents=True)
+    for i in range(40):
+        (tree / "d" / f"f{i:02d}").write_bytes(b"x" * (i * 3))
+    _sparse(tree / "frag", [(i * 2048, b"p%d" % i) for i in range(12)])
+    os.symlink("d/f01", tree / "l")
+    os.symlink("/" + "y" * 80, tree / "long")
+    (tree / "big").write_bytes(bytes(range(256)) * 80)
+    os.mkfifo(tree / "fifo")
+    os.setxattr(tree / "d" / "f01", "user.a", b"1" * 300)
+    seeds = []
+    for name, (mkfs, *options) in SEED_LAYOUTS.items():
+        image = folder / f"seed-{name}.img"
+        proc = subprocess.run([require_tool(mkfs, "e2fsprogs"), "-q", "-F", "-b", "1024", "-N", "128", *options,
+                               "-d", str(tree), str(image), "256K"], capture_output=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        seeds.append(image)
+    shutil.rmtree(tree)
+    return seeds

@@ -11,9 +11,8 @@ clear of its metadata.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
-
-import numpy as np
 
 from . import layout as L
 from .inodes import Inode
@@ -47,7 +46,7 @@ class ExtentMap(BlockMap):
             yield from self._node(self.root, None, 0, _LIMIT, first, end)
 
     def _node(self, node: bytes, depth: int | None, lo: int, hi: int, first: int, end: int) -> Iterator[Run]:
-        magic, entries, most, level = (int(v) for v in np.frombuffer(node, L.EXTENT_HEADER_DTYPE, 1)[0].tolist())
+        magic, entries, most, level = L.EXTENT_HEADER_HEAD.unpack_from(node, 0)
         where = "the extent tree root" if depth is None else f"an extent tree node at depth {level}"
         if magic != L.EXTENT_MAGIC:
             raise Corrupt(f"{where} has a bad magic number {magic:#06x}")
@@ -57,51 +56,50 @@ class ExtentMap(BlockMap):
         room = (len(node) - 12) // L.EXTENT_ENTRY_SIZE
         if entries > most or most > room or most == 0:
             raise Corrupt(f"{where} holds {entries} of {most} entries (room for {room})")
+        body = node[12 : 12 + entries * L.EXTENT_ENTRY_SIZE]
         if level == 0:
-            yield from self._leaf(node, entries, lo, hi, first, end)
+            yield from self._leaf(L.EXTENT_LEAF_ENTRY.iter_unpack(body), lo, hi, first, end)
         else:
-            yield from self._index(node, entries, level, lo, hi, first, end)
+            yield from self._index(list(L.EXTENT_INDEX_ENTRY.iter_unpack(body)), level, lo, hi, first, end)
 
-    def _leaf(self, node: bytes, entries: int, lo: int, hi: int, first: int, end: int) -> Iterator[Run]:
-        ext = np.frombuffer(node, L.EXTENT_LEAF_DTYPE, entries, 12)
-        start = ext["block"].astype(np.int64)
-        raw_len = ext["len"].astype(np.int64)
-        uninit = raw_len > L.EXTENT_INIT_MAX_LEN
-        length = np.where(uninit, raw_len - L.EXTENT_INIT_MAX_LEN, raw_len)
-        phys = ext["start_hi"].astype(np.int64) << 32 | ext["start_lo"].astype(np.int64)
-        stop = start + length
-        if entries:
-            if (length == 0).any():
-                raise Corrupt("an extent has length 0")
-            if start[0] < lo or stop[-1] > hi or (start[1:] < stop[:-1]).any():
-                raise Corrupt("extents overlap or lie outside their index's range (logical blocks)")
-        i = int(np.searchsorted(stop, first, side="right"))
-        j = int(np.searchsorted(start, end, side="left"))
-        for s, p, n, u in zip(start[i:j].tolist(), phys[i:j].tolist(), length[i:j].tolist(),
-                              uninit[i:j].tolist(), strict=True):  # fmt: skip
-            self.volume.check_data(p, n, f"the extent at logical block {s}")
-            cut = max(first - s, 0)
-            yield s + cut, p + cut, min(s + n, end) - s - cut, u
+    def _leaf(self, extents: Iterator[tuple[int, ...]], lo: int, hi: int, first: int, end: int) -> Iterator[Run]:
+        """The extents of a leaf that meet the window; each checked up to the window's end."""
+        done = lo  # extents are in order and do not overlap: each starts at or after where the last ended
+        for start, raw_len, phys_hi, phys_lo in extents:
+            uninit = raw_len > L.EXTENT_INIT_MAX_LEN
+            length = raw_len - L.EXTENT_INIT_MAX_LEN if uninit else raw_len
+            if length == 0:
+                raise Corrupt(f"the extent at logical block {start} has length 0")
+            if start < done or start + length > hi:
+                raise Corrupt(f"the extent at logical block {start} overlaps another or lies outside its "
+                              f"index's range (logical blocks {lo}..{hi - 1})")  # fmt: skip
+            done = start + length
+            if done <= first:
+                continue
+            if start >= end:
+                return
+            physical = phys_hi << 32 | phys_lo
+            self.volume.check_data(physical, length, f"the extent at logical block {start}")
+            cut = max(first - start, 0)
+            yield start + cut, physical + cut, min(done, end) - start - cut, uninit
 
-    def _index(self, node: bytes, entries: int, level: int, lo: int, hi: int, first: int, end: int) -> Iterator[Run]:
-        idx = np.frombuffer(node, L.EXTENT_INDEX_DTYPE, entries, 12)
-        start = idx["block"].astype(np.int64)
-        child = idx["leaf_hi"].astype(np.int64) << 32 | idx["leaf_lo"].astype(np.int64)
-        if entries and ((start[1:] <= start[:-1]).any() or start[-1] >= hi):
-            raise Corrupt("extent index entries are out of order or outside their parent's range")
-        bounds = np.append(start[1:], hi)
-        bs = self.volume.block_size
-        i = max(int(np.searchsorted(start, first, side="right")) - 1, 0)
-        for k in range(i, entries):
-            s, e = max(int(start[k]), lo), int(bounds[k])
-            if s >= end:
-                break
-            block = int(child[k])
-            self.volume.check_data(block, 1, f"the extent index at logical block {s}")
-            data = self.volume.block(block, "an extent tree node")
-            if len(data) != bs:
-                raise Corrupt(f"extent tree node {block} is short")
-            yield from self._node(data, level - 1, s, e, first, end)
+    def _index(
+        self, entries: list[tuple[int, ...]], level: int, lo: int, hi: int, first: int, end: int
+    ) -> Iterator[Run]:
+        """The children of an index node that meet the window, each with its range of logical blocks."""
+        for k, (start, child_lo, child_hi) in enumerate(entries):
+            stop = entries[k + 1][0] if k + 1 < len(entries) else hi
+            if stop <= start or start >= hi:
+                raise Corrupt(f"extent index entries are out of order or outside their parent's range "
+                              f"(logical block {start})")  # fmt: skip
+            if stop <= first:
+                continue
+            if start >= end:
+                return
+            child = child_hi << 32 | child_lo
+            self.volume.check_data(child, 1, f"the extent index at logical block {start}")
+            data = self.volume.block(child, "an extent tree node")
+            yield from self._node(data, level - 1, max(start, lo), stop, first, end)
 
 
 class IndirectMap(BlockMap):
@@ -110,8 +108,9 @@ class IndirectMap(BlockMap):
     def __init__(self, volume: Volume, inode: Inode) -> None:
         self.volume = volume
         self.ino = inode.ino
-        self.pointers = np.frombuffer(inode.i_block, "<u4").astype(np.int64)
+        self.pointers = struct.unpack("<15I", inode.i_block)
         self.per = volume.block_size // 4
+        self._unpack = struct.Struct(f"<{self.per}I").unpack
 
     def runs(self, first: int, count: int) -> Iterator[Run]:
         end = first + count
@@ -122,7 +121,7 @@ class IndirectMap(BlockMap):
             if end <= base:
                 return
             if first < base + span:
-                yield from self._tree(int(self.pointers[11 + level]), level, base, first, end)
+                yield from self._tree(self.pointers[11 + level], level, base, first, end)
             base += span
 
     def _tree(self, block: int, level: int, base: int, first: int, end: int) -> Iterator[Run]:
@@ -130,7 +129,7 @@ class IndirectMap(BlockMap):
         if block == 0:
             return  # a hole covering the whole subtree
         self.volume.check_data(block, 1, f"the indirect block for logical block {base}")
-        pointers = np.frombuffer(self.volume.block(block, "an indirect block"), "<u4").astype(np.int64)
+        pointers = self._unpack(self.volume.block(block, "an indirect block"))
         if level == 1:
             yield from self._pointers(pointers, base, first, end)
             return
@@ -138,26 +137,23 @@ class IndirectMap(BlockMap):
         lo = max(first - base, 0) // span
         hi = min(-(-(end - base) // span), self.per)
         for k in range(lo, hi):
-            yield from self._tree(int(pointers[k]), level - 1, base + k * span, first, end)
+            yield from self._tree(pointers[k], level - 1, base + k * span, first, end)
 
-    def _pointers(self, pointers: np.ndarray, base: int, first: int, end: int) -> Iterator[Run]:
-        """Runs from a list of block pointers for logical blocks ``base...``, clipped to ``first..end-1``."""
-        lo, hi = max(first - base, 0), min(end - base, len(pointers))
-        if lo >= hi:
-            return
-        window = pointers[lo:hi]
-        mapped = window != 0
-        if not mapped.any():
-            return
-        cont = np.zeros(len(window), dtype=bool)
-        cont[1:] = mapped[1:] & mapped[:-1] & (window[1:] == window[:-1] + 1)
-        breaks = np.flatnonzero(~cont)  # every run starts at one; so do the unmapped pointers
-        starts = np.flatnonzero(mapped & ~cont)
-        stops = np.append(breaks, len(window))[np.searchsorted(breaks, starts) + 1]
-        for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
-            p = int(window[s])
-            self.volume.check_data(p, e - s, f"the block pointer for logical block {base + lo + s}")
-            yield base + lo + s, p, e - s, False
+    def _pointers(self, pointers: tuple[int, ...], base: int, first: int, end: int) -> Iterator[Run]:
+        """Runs of consecutive block pointers for logical blocks ``base...``, clipped to ``first..end-1``."""
+        start = physical = length = 0
+        for k in range(max(first - base, 0), min(end - base, len(pointers))):
+            p = pointers[k]
+            if length and p == physical + length:
+                length += 1
+                continue
+            if length:
+                self.volume.check_data(physical, length, f"the block pointer for logical block {start}")
+                yield start, physical, length, False
+            start, physical, length = base + k, p, 1 if p else 0
+        if length:
+            self.volume.check_data(physical, length, f"the block pointer for logical block {start}")
+            yield start, physical, length, False
 
 
 def block_map(volume: Volume, inode: Inode) -> BlockMap:

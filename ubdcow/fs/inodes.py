@@ -8,6 +8,7 @@ symlink targets and in-inode extended attributes). :meth:`InodeTable.get_many` d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +82,58 @@ class Inode:
         return bool(self.flags & flag)
 
 
+class _Window:
+    """A run of consecutive inodes of one group, decoded at once: one list per field, and the raw bytes."""
+
+    __slots__ = (
+        "atime",
+        "blocks",
+        "count",
+        "crtime",
+        "ctime",
+        "extra",
+        "file_acl",
+        "first",
+        "flags",
+        "generation",
+        "gid",
+        "links",
+        "mode",
+        "mtime",
+        "raw",
+        "size",
+        "uid",
+    )  # fmt: skip
+
+    mode: list[int]
+    flags: list[int]
+    size: list[int]
+    links: list[int]
+    uid: list[int]
+    gid: list[int]
+    atime: list[int]
+    mtime: list[int]
+    ctime: list[int]
+    crtime: list[int | None]
+    generation: list[int]
+    blocks: list[int]
+    file_acl: list[int]
+    extra: list[int]
+
+    def __init__(self, first: int, raw: bytes, fields: dict[str, list[Any]]) -> None:
+        self.first = first  # inode number of the first record
+        self.raw = raw
+        self.count = len(fields["mode"])
+        for name, values in fields.items():
+            setattr(self, name, values)
+
+
 class InodeTable:
-    """Reads inodes: ``get`` (cached, one at a time) and ``get_many`` (a batch, one read per table block)."""
+    """Reads inodes through windows of the inode tables: ``WINDOW`` consecutive inodes read with one
+    ``pread`` and decoded with a handful of numpy operations, kept in a bounded cache. ``get`` and
+    ``get_many`` then only pick records out of decoded windows (and check them)."""
+
+    WINDOW = 512
 
     def __init__(self, volume: Volume) -> None:
         geo = volume.geo
@@ -90,55 +141,76 @@ class InodeTable:
         self.volume = volume
         self.geo = geo
         self.dtype = L.inode_dtype(geo.inode_size)
-        self._cache = LRU(8192)
+        self._windows = LRU(32 << 20)
         self._wide_dirs = geo.has_incompat(L.INCOMPAT_LARGEDIR)
         self._huge = geo.has_ro_compat(L.RO_COMPAT_HUGE_FILE)
         self._acl_hi = geo.has_incompat(L.INCOMPAT_64BIT)
+        # a window holds whole blocks of the table and never crosses a group
+        per_block = geo.inodes_per_block
+        self._window = max(per_block, self.WINDOW // per_block * per_block)
 
     def get(self, ino: int) -> Inode:
-        inode: Inode | None = self._cache.get(ino)
-        if inode is None:
-            inode = self.get_many([ino])[0]
-            self._cache.put(ino, inode, 1)
-        return inode
+        return self.get_many((ino,))[0]
 
     def get_many(self, inos: Sequence[int]) -> list[Inode]:
         """The inodes ``inos`` (any order, repeats allowed), decoded and checked."""
         geo = self.geo
+        ipg, count, size, w = geo.inodes_per_group, geo.inodes_count, geo.inode_size, self._window
+        out = []
+        window: _Window | None = None
         for ino in inos:
-            if not 0 < ino <= geo.inodes_count:
-                raise Corrupt(f"inode number {ino} is out of range (1..{geo.inodes_count})")
-        if not inos:
-            return []
-        index = np.asarray(inos, dtype=np.int64) - 1
-        group, within = np.divmod(index, geo.inodes_per_group)
-        per_block = geo.inodes_per_block
-        tables = {g: self.volume.inode_table(g) for g in set(group.tolist())}
-        table_start = np.fromiter((tables[g] for g in group.tolist()), dtype=np.int64, count=len(inos))
-        blocks = table_start + within // per_block
-        unique, inverse = np.unique(blocks, return_inverse=True)
-        data = b"".join(self.volume.block(b, "an inode table") for b in unique.tolist())
-        records = inverse.reshape(-1) * per_block + within % per_block
-        rows = np.frombuffer(data, dtype=self.dtype)[records]
-        size = geo.inode_size
-        raws = [data[r * size : (r + 1) * size] for r in records.tolist()]
-        return self._decode(list(inos), rows, raws)
+            if not 0 < ino <= count:
+                raise Corrupt(f"inode number {ino} is out of range (1..{count})")
+            i = ino - (window.first if window is not None else 0)
+            if window is None or not 0 <= i < window.count:
+                group, index = divmod(ino - 1, ipg)
+                window = self._get_window(group, index - index % w)
+                i = ino - window.first
+            out.append(self._inode(window, i, ino, size))
+        return out
 
-    def _decode(self, inos: list[int], rows: np.ndarray, raws: list[bytes]) -> list[Inode]:
+    def _inode(self, w: _Window, i: int, ino: int, size: int) -> Inode:
+        mode = w.mode[i]
+        kind = mode & L.S_IFMT
+        if kind not in L.FILE_TYPES:
+            if mode == 0:
+                raise Corrupt(f"inode {ino} is not in use (a directory entry to a free inode)")
+            raise Corrupt(f"inode {ino} has an unknown file type (mode {mode:#o})")
+        if not w.links[i]:
+            raise Corrupt(f"inode {ino} is deleted (no links)")
+        extra = w.extra[i]
+        if extra & 3 or extra > size - L.GOOD_OLD_INODE_SIZE:
+            raise Corrupt(f"inode {ino} has an impossible extra size {extra}")
+        length = w.size[i]
+        if length >= 1 << 63:
+            raise Corrupt(f"inode {ino} has an impossible size {length}")
+        return Inode(ino, mode, w.flags[i], length, w.links[i], w.uid[i], w.gid[i], w.atime[i], w.mtime[i],
+                     w.ctime[i], w.crtime[i], w.generation[i], w.blocks[i], w.file_acl[i], extra,
+                     w.raw[i * size : (i + 1) * size])  # fmt: skip
+
+    def _get_window(self, group: int, index: int) -> _Window:
+        key = (group, index)
+        window: _Window | None = self._windows.get(key)
+        if window is None:
+            geo = self.geo
+            per_block = geo.inodes_per_block
+            n = min(self._window, geo.inodes_per_group - index)
+            first_block = self.volume.inode_table(group) + index // per_block
+            raw = self.volume.blocks(first_block, -(-n // per_block))[: n * geo.inode_size]
+            window = _Window(group * geo.inodes_per_group + index + 1, raw, self._decode(raw))
+            self._windows.put(key, window, len(raw) * 3)
+        return window
+
+    def _decode(self, raw: bytes) -> dict[str, list[Any]]:
+        """Every field of every record in ``raw``, as lists (no checks: unused records decode to garbage)."""
         geo = self.geo
+        rows = np.frombuffer(raw, dtype=self.dtype)
         mode = rows["mode"].astype(np.int64)
         kind = mode & L.S_IFMT
-        links = rows["links"]
         flags = rows["flags"].astype(np.int64)
-        self._check(inos, mode, kind, links, rows)
         size = rows["size_lo"].astype(np.uint64)
         wide = (kind == 0o100000) | ((kind == 0o040000) & self._wide_dirs)
         size = np.where(wide, size | (rows["size_high"].astype(np.uint64) << np.uint64(32)), size)
-        if int(size.max()) >= 1 << 63:
-            bad = int(np.argmax(size >= np.uint64(1 << 63)))
-            raise Corrupt(f"inode {inos[bad]} has an impossible size {int(size[bad])}")
-        uid = (rows["uid"].astype(np.int64) | rows["uid_high"].astype(np.int64) << 16).tolist()
-        gid = (rows["gid"].astype(np.int64) | rows["gid_high"].astype(np.int64) << 16).tolist()
         blocks = rows["blocks_lo"].astype(np.int64)
         if self._huge:
             blocks |= rows["blocks_high"].astype(np.int64) << 32
@@ -147,41 +219,30 @@ class InodeTable:
         if self._acl_hi:
             acl |= rows["file_acl_high"].astype(np.int64) << 32
         extra = rows["extra_isize"].astype(np.int64) if geo.inode_size > L.GOOD_OLD_INODE_SIZE else None
-        atime, mtime, ctime = (self._times(rows, name, extra) for name in ("atime", "mtime", "ctime"))
-        crtime: list[int | None] = list(self._times(rows, "crtime", extra, optional=True))
-        return [
-            Inode(*fields)
-            for fields in zip(
-                inos, mode.tolist(), flags.tolist(), size.tolist(), links.tolist(), uid, gid, atime, mtime, ctime,
-                crtime, rows["generation"].tolist(), blocks.tolist(), acl.tolist(),
-                extra.tolist() if extra is not None else [0] * len(inos), raws, strict=True,
-            )
-        ]  # fmt: skip
+        return {
+            "mode": mode.tolist(),
+            "flags": flags.tolist(),
+            "size": size.tolist(),
+            "links": rows["links"].tolist(),
+            "uid": (rows["uid"].astype(np.int64) | rows["uid_high"].astype(np.int64) << 16).tolist(),
+            "gid": (rows["gid"].astype(np.int64) | rows["gid_high"].astype(np.int64) << 16).tolist(),
+            "atime": self._times(rows, "atime", extra),
+            "mtime": self._times(rows, "mtime", extra),
+            "ctime": self._times(rows, "ctime", extra),
+            "crtime": self._times(rows, "crtime", extra, optional=True),
+            "generation": rows["generation"].tolist(),
+            "blocks": blocks.tolist(),
+            "file_acl": acl.tolist(),
+            "extra": extra.tolist() if extra is not None else [0] * len(rows),
+        }
 
-    def _check(self, inos: list[int], mode: np.ndarray, kind: np.ndarray, links: np.ndarray, rows: np.ndarray) -> None:
-        known = np.isin(kind, list(L.FILE_TYPES))
-        if not known.all():
-            bad = int(np.argmin(known))
-            if mode[bad] == 0:
-                raise Corrupt(f"inode {inos[bad]} is not in use (a directory entry to a free inode)")
-            raise Corrupt(f"inode {inos[bad]} has an unknown file type (mode {int(mode[bad]):#o})")
-        if not links.all():
-            bad = int(np.argmin(links))
-            raise Corrupt(f"inode {inos[bad]} is deleted (no links)")
-        if self.geo.inode_size > L.GOOD_OLD_INODE_SIZE:
-            extra = rows["extra_isize"].astype(np.int64)
-            wrong = (extra & 3 != 0) | (extra > self.geo.inode_size - L.GOOD_OLD_INODE_SIZE)
-            if wrong.any():
-                bad = int(np.argmax(wrong))
-                raise Corrupt(f"inode {inos[bad]} has an impossible extra size {int(extra[bad])}")
-
-    def _times(self, rows: np.ndarray, name: str, extra: np.ndarray | None, optional: bool = False) -> list[int]:
+    def _times(self, rows: np.ndarray, name: str, extra: np.ndarray | None, optional: bool = False) -> list[Any]:
         """Nanoseconds since the epoch: the signed 32-bit seconds, plus the epoch bits and nanoseconds of the
         extra field when i_extra_isize covers it (dates past 2038 and before 1970)."""
         n = len(rows)
         if extra is None or name not in (rows.dtype.names or ()):
             if optional:
-                return [None] * n  # type: ignore[list-item]
+                return [None] * n
             return (rows[name].astype(np.int64) * NS).tolist()  # type: ignore[no-any-return]
         present = L.GOOD_OLD_INODE_SIZE + extra >= L.EXTRA_END[name]
         sec = rows[name].astype(np.int64)
@@ -189,9 +250,9 @@ class InodeTable:
         sec = sec + np.where(present, (bits & 3) << 32, 0)
         nsec = np.where(present, bits >> 2, 0)
         if n and int(np.abs(sec).max()) < _SAFE_SECONDS:
-            out: list[int] = (sec * NS + nsec).tolist()
+            out: list[Any] = (sec * NS + nsec).tolist()
         else:
             out = [s * NS + ns for s, ns in zip(sec.tolist(), nsec.tolist(), strict=True)]
         if optional and not present.all():
-            return [t if p else None for t, p in zip(out, present.tolist(), strict=True)]  # type: ignore[misc]
+            return [t if p else None for t, p in zip(out, present.tolist(), strict=True)]
         return out

@@ -299,10 +299,10 @@ EXTENT_LEAF = cs.Struct(
 )
 EXTENT_ENTRY_SIZE = 12
 EXTENT_INIT_MAX_LEN = 32768
-#: an extent tree node's header and entries, many at once (index and leaf entries share the size)
-EXTENT_HEADER_DTYPE = np.dtype([("magic", "<u2"), ("entries", "<u2"), ("max", "<u2"), ("depth", "<u2")])
-EXTENT_INDEX_DTYPE = np.dtype([("block", "<u4"), ("leaf_lo", "<u4"), ("leaf_hi", "<u2"), ("unused", "<u2")])
-EXTENT_LEAF_DTYPE = np.dtype([("block", "<u4"), ("len", "<u2"), ("start_hi", "<u2"), ("start_lo", "<u4")])
+#: the same, for the parser: a node's header, and its index or leaf entries read one after another
+EXTENT_HEADER_HEAD = struct.Struct("<HHHH")  # magic, entries, max, depth
+EXTENT_INDEX_ENTRY = struct.Struct("<IIH2x")  # ei_block, ei_leaf_lo, ei_leaf_hi
+EXTENT_LEAF_ENTRY = struct.Struct("<IHHI")  # ee_block, ee_len, ee_start_hi, ee_start_lo
 
 DIR_ENTRY = cs.Struct(  # ext2_dir_entry_2; without the filetype feature name_len is 16 bits and no type byte
     "inode" / cs.Int32ul,
