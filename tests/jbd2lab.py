@@ -456,7 +456,8 @@ def crash_guest(workdir: Path, cow: Path, backing: Path, body: str, *, mount_opt
             ready = select.select([fd], [], [], min(max(left, 0), 0.5))[0]
             chunk = os.read(fd, 65536) if ready else None
             if left <= 0 or chunk == b"":
-                raise AssertionError(f"guest never got to the crash point; console:\n{seen.decode(errors='replace')[-4000:]}")
+                tail = seen.decode(errors="replace")[-4000:]
+                raise AssertionError(f"guest never got to the crash point; console:\n{tail}")
             seen += chunk or b""
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # with the filesystem still mounted

@@ -113,7 +113,8 @@ def test_transactions_revokes_wrap_escape_torn_match_e2fsck(tmp_path, images, fo
     t1 = [(TARGET + i, d) for i, d in enumerate(blocks(rng, bs, 150))]  # several descriptor blocks
     b.transaction(t1)
     escaped = MAGIC + rng.randbytes(bs - 4)
-    t2 = [(TARGET + i, d) for i, d in zip(range(0, 150, 3), blocks(rng, bs, 50))] + [(TARGET + 300, escaped)]
+    t2 = [(TARGET + i, d) for i, d in zip(range(0, 150, 3), blocks(rng, bs, 50), strict=True)]
+    t2.append((TARGET + 300, escaped))
     b.transaction(t2, revokes=[TARGET + 1, TARGET + 3, TARGET + 4, TARGET + 500])
     t3 = [(TARGET + 1, rng.randbytes(bs))]
     b.transaction(t3)
@@ -538,13 +539,17 @@ sync keep/last
 #: data=journal on a 1024-block journal: file data goes through the log, blocks that start with
 #: the jbd2 magic are escaped; writes go on until the log (as debugfs reads it in the guest) wraps
 DATA_JOURNAL = r"""
-mkblk() { i=0; : > "$1"; while [ $i -lt $2 ]; do printf '\300\073\071\230' >> "$1"; head -c $(($3 - 4)) /dev/urandom >> "$1"; i=$((i+1)); done; }
+mkblk() {  # FILE COUNT SIZE: COUNT blocks of SIZE bytes, each starting with the jbd2 magic
+  i=0; : > "$1"
+  while [ $i -lt $2 ]; do printf '\300\073\071\230' >> "$1"; head -c $(($3 - 4)) /dev/urandom >> "$1"; i=$((i+1)); done
+}
+wrapped='/Found expected/ {b=$NF+0; if (seen && b < last) w=1; last=b; seen=1} END {exit !w}'
 mkdir keep
 dd if=/dev/urandom of=keep/first bs=1k count=100 status=none; sync keep/first
 i=0
 while [ $i -lt 60 ]; do
   dd if=/dev/urandom of=keep/w$i bs=1k count=64 status=none; sync keep/w$i
-  if debugfs -R logdump /dev/ubdb 2>/dev/null | awk '/Found expected/ {b=$NF+0; if (seen && b < last) w=1; last=b; seen=1} END {exit !w}'; then break; fi
+  if debugfs -R logdump /dev/ubdb 2>/dev/null | awk "$wrapped"; then break; fi
   i=$((i+1))
 done
 mkblk keep/magic 20 1024; sync keep/magic
