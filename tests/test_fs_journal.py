@@ -21,14 +21,17 @@ with a hint naming --no-journal.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import jbd2lab as J
 import pytest
-from conftest import require_tool
+from conftest import require, require_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -461,8 +464,20 @@ def test_replay_reads_only_the_log_and_read_reads_one_block():
 
 # -- fuzz: mutated journals never raise anything but JournalError -------------------------------
 
+FUZZ = Path(__file__).parent / "fuzz"
 
-def seed_journals() -> list[tuple[bytes, int]]:
+
+def load_harness(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), FUZZ / name)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def seed_journals() -> list[bytes]:
+    """48-block journals (1 KiB blocks, as the harness reads them) of every form, wrapped, with
+    revokes, an escaped block and a torn last transaction."""
     rng = random.Random(1)
     out = []
     for form in ("32bit", "64bit-csum3", "32bit-csum2", "v1-checksum", "csum3-async"):
@@ -471,49 +486,58 @@ def seed_journals() -> list[tuple[bytes, int]]:
             b.transaction([(TARGET + rng.randrange(50), rng.randbytes(1024)) for _ in range(rng.randrange(1, 6))],
                           revokes=[TARGET + rng.randrange(50)] if k % 2 else [])  # fmt: skip
         b.transaction([(TARGET, MAGIC + bytes(1020))], commit=False)
-        out.append((b.image(), 1024))
+        out.append(b.image())
     return out
 
 
 SEEDS = seed_journals()
 
 
-def replay_all(journal: bytes, bs: int) -> None:
-    """Replay and read every block; any error must be a JournalError; the work stays bounded."""
-    calls = [0]
-    nblocks = len(journal) // bs
-    read = J.reader(journal, bs)
-
-    def counting(n: int) -> bytes:
-        calls[0] += 1
-        return read(n)
-
-    try:
-        rep = replay(counting, nblocks, block_size=bs, name="fuzz.img", fs_blocks=1 << 20)
-    except JournalError as err:
-        assert "\n" not in str(err) and err.hint == NO_JOURNAL_HINT
-        return
-    assert calls[0] <= 3 * nblocks + 2
-    for n in rep.blocks:
-        data = rep.read(n)
-        assert data is not None and len(data) == bs
-
-
 @st.composite
-def mutated_journals(draw: st.DrawFn) -> tuple[bytes, int]:
-    journal, bs = draw(st.sampled_from(SEEDS))
-    data = bytearray(journal)
+def mutated_journals(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
     for _ in range(draw(st.integers(1, 10))):
-        block = draw(st.integers(0, len(data) // bs - 1))
-        offset = draw(st.one_of(st.integers(0, 40), st.integers(0, bs - 1), st.integers(0xF0, 0x100)))
-        data[block * bs + offset] ^= draw(st.integers(1, 255))
-    return bytes(data), bs
+        block = draw(st.integers(0, len(data) // 1024 - 1))
+        offset = draw(st.one_of(st.integers(0, 40), st.integers(0, 1023), st.integers(0xF0, 0x100)))
+        data[block * 1024 + offset] ^= draw(st.integers(1, 255))
+    if draw(st.integers(0, 9)) == 0:
+        data = data[: draw(st.integers(0, len(data)))]
+    return bytes(data)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated_journals())
-def test_mutated_journals_raise_only_journal_errors(sample):
-    replay_all(*sample)
+def test_mutated_journals_raise_only_journal_errors():
+    """The atheris target, fed mutated seed journals by hypothesis (atheris or not)."""
+    module = load_harness("fuzz_journal.py")
+    for seed in SEEDS:
+        module.test_one_input(seed)
+        assert replay(J.reader(seed, 1024), 48, block_size=1024, name="s").transactions == 4
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+    @given(mutated_journals())
+    def check(data: bytes) -> None:
+        module.test_one_input(data)
+
+    check()
+
+
+def test_atheris_journal_harness(tmp_path):
+    try:
+        import atheris
+    except ImportError:
+        atheris = None
+    require(atheris, "atheris is not installed here (pip install atheris; it needs a prebuilt wheel or clang)")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, seed in enumerate(SEEDS):
+        (corpus / f"seed-{i}").write_bytes(seed)
+    runs = 20_000
+    proc = subprocess.run(
+        [sys.executable, str(FUZZ / "fuzz_journal.py"), f"-runs={runs}", "-seed=12345", "-max_len=100000",
+         f"-artifact_prefix={tmp_path}/", str(corpus)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"Done {runs} runs" in proc.stderr
 
 
 # -- real journals: a guest SIGKILLed with the filesystem mounted -----------------------------------
