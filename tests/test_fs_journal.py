@@ -159,6 +159,21 @@ def test_a_clean_log_replays_nothing(images, tmp_path):
     assert rep.transactions == 0 and rep.blocks == frozenset() and rep.read(TARGET) is None
 
 
+@pytest.mark.parametrize("first", [1000, 0xFFFFFFFE])
+def test_the_newest_revoke_of_a_block_counts(tmp_path, images, first):
+    """Written in 1, revoked in 2, written in 3, revoked in 4: no copy is replayed (also across 2**32)."""
+    rng = random.Random(first)
+    b = J.JournalBuilder(1024, 1024, sequence=first, csum=3)
+    b.transaction([(TARGET, rng.randbytes(1024)), (TARGET + 1, rng.randbytes(1024))])
+    b.transaction([], revokes=[TARGET])
+    b.transaction([(TARGET, rng.randbytes(1024))])
+    b.transaction([(TARGET + 2, rng.randbytes(1024))], revokes=[TARGET])
+    case = Case(tmp_path, images, b)
+    rep = case.replay()
+    assert rep.transactions == 4 and rep.blocks == {TARGET + 1, TARGET + 2} and rep.revoke_hits == 2
+    assert case.compare(rep).differing == []
+
+
 def test_a_journal_that_fills_the_whole_log_and_wraps_the_sequence(tmp_path, images):
     """Transactions around the whole journal, sequence numbers crossing 2**32: the scan stops
     where the log comes back to its start (an older sequence number)."""

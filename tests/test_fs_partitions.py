@@ -139,6 +139,11 @@ def test_a_disk_of_zeros_and_a_disk_of_xfs(tmp_path):
     with pytest.raises(UnsupportedFilesystemError) as info:
         find(disk, size=0)
     one_line(info.value, disk, "empty")
+    with open(disk, "r+b") as f:  # a lone magic number, in a superblock that says no inodes, is not ext
+        f.seek(1080)
+        f.write(b"\x53\xef")
+    with pytest.raises(UnsupportedFilesystemError):
+        find(disk)
     xfs = blank(tmp_path / "xfs.img", 300 * MiB)
     require_tool("mkfs.xfs", "xfsprogs")
     run("mkfs.xfs", "-q", xfs)
