@@ -1,0 +1,94 @@
+"""The reader against the kernel: every layout of tests/fstree.py, made by mkfs -d, read as a raw image.
+
+The oracle is the kernel's read-only loop mount (lstat of every entry, readlink, listxattr/getxattr,
+sha256 of every file). Each layout is also checked with e2fsprogs (dumpe2fs, debugfs) to hold the
+structures it is meant to cover, so that a layout cannot quietly stop testing what it claims.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import require_root, require_tool
+from fstree import LAYOUTS, assert_same_view, kernel_view, mounted, reader_view
+
+import ubdcow
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_raw_image_reads_as_the_kernel_reads_it(fs_images, layout):
+    require_root("building the tree (owners, devices) and the loop mount")
+    image = fs_images.image(layout)
+    with mounted(image) as point:
+        kernel = kernel_view(point)
+    with ubdcow.open_fs(image) as fs:
+        ours = reader_view(fs)
+        assert fs.where == "whole disk" and not fs.needs_recovery
+    assert len(kernel) > 3100
+    assert_same_view(kernel, ours)
+
+
+def e2(tool: str, image: Path, *args: str) -> str:
+    proc = subprocess.run([require_tool(tool, "e2fsprogs"), *args, str(image)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def debugfs(image: Path, request: str) -> str:
+    return e2("debugfs", image, "-R", request)
+
+
+def header(image: Path) -> dict[str, str]:
+    text = e2("dumpe2fs", image, "-h")
+    return {k.strip(): v.strip() for k, v in re.findall(r"^([^:\n]+):\s*(.*)$", text, re.M)}
+
+
+#: what e2fsprogs must see in each layout: features present/absent, block and inode size, revision
+EXPECTED = {
+    "ext4": ({"extent", "64bit", "flex_bg", "huge_file", "metadata_csum", "dir_index"}, set(), 4096, 256),
+    "1k-128": ({"extent"}, set(), 1024, 128),
+    "ext2": ({"filetype", "large_file"}, {"has_journal", "extent"}, 4096, 256),
+    "ext2-rev0": (set(), set(), 4096, 128),
+    "ext3": ({"has_journal"}, {"extent"}, 4096, 256),
+    "inline": ({"inline_data", "extent"}, set(), 4096, 256),
+    "no64": ({"extent"}, {"64bit", "metadata_csum", "flex_bg"}, 4096, 256),
+    "2k-largedir": ({"large_dir"}, set(), 2048, 256),
+    "meta_bg": ({"meta_bg"}, {"resize_inode"}, 1024, 256),
+    "ea_inode": ({"ea_inode"}, set(), 4096, 256),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_holds_the_structures_it_covers(fs_images, layout):
+    require_root("building the tree (owners, devices)")
+    image = fs_images.image(layout)
+    facts = header(image)
+    present, absent, block_size, inode_size = EXPECTED[layout]
+    features = set(facts["Filesystem features"].split())
+    assert present <= features and not absent & features, features
+    assert int(facts["Block size"]) == block_size
+    assert int(facts.get("Inode size", "128")) == inode_size
+    if layout == "ext2-rev0":
+        assert facts["Filesystem revision #"].startswith("0")
+    if "extent" in present:  # an extent tree of depth 2 (1500 extents)
+        assert re.search(r"^\s*2/\s*2\s", debugfs(image, "dump_extents /files/fragmented"), re.M)
+    if LAYOUTS[layout].big_sparse and "extent" not in features:  # past 4 GiB through triple indirect blocks
+        assert "(TIND)" in debugfs(image, "stat /files/past-4G")
+    if LAYOUTS[layout].index_dirs:
+        assert "Root node dump" in debugfs(image, 'htree_dump "/big dir"')
+    if layout == "inline":
+        for size in (0, 60, 61):
+            info = debugfs(image, f"stat /files/size-{size}")
+            assert "Flags: 0x10000000" in info and f"Size of inline data: {max(size, 60)}" in info, info
+        assert "Flags: 0x10000000" in debugfs(image, "stat /xattrs/dir")  # an inline directory
+    if layout == "ea_inode":  # a value as large as a block fits no xattr block: it lives in an ea_inode
+        assert "user.huge (4096)" in debugfs(image, "ea_list /xattrs/ea-inode")
+    if layout == "meta_bg":  # inodes in the last of the three meta groups
+        last_group = (int(facts["Block count"]) - 1) // int(facts["Blocks per group"])
+        inodes = [int(line.split()[0]) for line in debugfs(image, 'ls -l "/big dir"').splitlines() if line.strip()]
+        assert last_group >= 32 and max(inodes) > 32 * int(facts["Inodes per group"])
