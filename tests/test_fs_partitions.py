@@ -135,7 +135,7 @@ def test_a_disk_of_zeros_and_a_disk_of_xfs(tmp_path):
     disk = blank(tmp_path / "zeros.img", 8 * MiB)
     with pytest.raises(UnsupportedFilesystemError) as info:
         find(disk)
-    one_line(info.value, disk, "no ext2/3/4 filesystem", "no partition table", "zeros")
+    one_line(info.value, disk, "no ext2/ext3/ext4 filesystem", "no partition table", "zeros")
     with pytest.raises(UnsupportedFilesystemError) as info:
         find(disk, size=0)
     one_line(info.value, disk, "empty")
@@ -184,7 +184,7 @@ def test_mbr_swap_and_linux(tmp_path):
     assert our_uuid(disk, v) == uuid
     with pytest.raises(UnsupportedFilesystemError) as info:
         find(disk, partition=1)
-    one_line(info.value, disk, "partition 1 (MBR type 0x82 Linux swap) holds a swap area, not ext2/3/4")
+    one_line(info.value, disk, "partition 1 (MBR type 0x82 Linux swap) holds a swap area, not ext2/ext3/ext4")
 
 
 def test_mbr_two_linux_partitions_are_listed_and_partition_2_picks_the_second(tmp_path):
@@ -194,7 +194,7 @@ def test_mbr_two_linux_partitions_are_listed_and_partition_2_picks_the_second(tm
         mkfs_at(disk, int(p["start"]) * SECTOR, size)  # type: ignore[call-overload]
     with pytest.raises(PartitionError) as info:
         find(disk)
-    text = one_line(info.value, disk, "2 partitions hold an ext2/3/4 filesystem")
+    text = one_line(info.value, disk, "2 partitions hold an ext2/ext3/ext4 filesystem")
     for p in parts:
         assert f"{p['number']} (start {int(p['start']) * SECTOR}," in text, text  # type: ignore[call-overload]
     assert "16.0 MiB" in text and "24.0 MiB" in text and text.count("MBR type 0x83") == 2

@@ -11,7 +11,7 @@ Netkit-JH boots ``root=98:0`` (a filesystem on the whole disk); original Netkit 
   messages). An MBR with a type 0xEE entry announces a GPT: the primary header (LBA 1) with its
   header and entry-array CRCs, or the backup (the disk's last sector) when the primary is corrupt;
   entries are numbered from 1 by slot.
-- The candidates are the partitions that hold an ext2/3/4 superblock (its magic number at 1080
+- The candidates are the partitions that hold an ext2/ext3/ext4 superblock (its magic number at 1080
   bytes), whatever their type says: a Linux partition (MBR 0x83, GPT "Linux filesystem") that
   holds none is not one, a mislabelled one that does is.
 - ``partition=N`` takes partition N. Without it: the only candidate; with several, a
@@ -38,7 +38,7 @@ from . import layout as L
 __all__ = ["Volume", "find_volume"]
 
 SECTOR = L.PT_SECTOR
-#: where an ext2/3/4 superblock sits from the start of its volume, and its magic number's place in it
+#: where an ext2/ext3/ext4 superblock sits from the start of its volume, and its magic number's place in it
 EXT_SUPERBLOCK = 1024
 EXT_MAGIC_AT = EXT_SUPERBLOCK + 0x38
 EXT_MAGIC = 0xEF53
@@ -59,10 +59,21 @@ GPT_TYPES = {
     uuid.UUID("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"): "Microsoft basic data",
 }
 MBR_TYPES = {
-    0x83: "Linux", 0x82: "Linux swap", 0x8E: "Linux LVM", 0xFD: "Linux raid", 0x05: "extended",
-    0x0F: "extended (LBA)", 0x85: "Linux extended", 0x07: "NTFS/exFAT", 0x0B: "FAT32", 0x0C: "FAT32 (LBA)",
-    0x06: "FAT16", 0x0E: "FAT16 (LBA)", 0xEF: "EFI System", 0xEE: "GPT protective",
-}  # fmt: skip
+    0x83: "Linux",
+    0x82: "Linux swap",
+    0x8E: "Linux LVM",
+    0xFD: "Linux raid",
+    0x05: "extended",
+    0x0F: "extended (LBA)",
+    0x85: "Linux extended",
+    0x07: "NTFS/exFAT",
+    0x0B: "FAT32",
+    0x0C: "FAT32 (LBA)",
+    0x06: "FAT16",
+    0x0E: "FAT16 (LBA)",
+    0xEF: "EFI System",
+    0xEE: "GPT protective",
+}
 
 Pread = Callable[[int, int], bytes]
 
@@ -84,7 +95,7 @@ class _Partition:
     sectors: int
     kind: str  # "MBR type 0x83 Linux", "GPT Linux filesystem", ...
     extended: bool = False
-    ext: bool = False  # holds an ext2/3/4 superblock
+    ext: bool = False  # holds an ext2/ext3/ext4 superblock
 
     @property
     def offset(self) -> int:
@@ -140,14 +151,14 @@ class _Disk:
         return bytes(self.pread(length, offset))[:length]
 
     def has_ext(self, offset: int) -> bool:
-        """An ext2/3/4 superblock at ``offset + 1024``: its magic, a sane block size, inodes."""
+        """An ext2/ext3/ext4 superblock at ``offset + 1024``: its magic, a sane block size, inodes."""
         sb = self.read(offset + EXT_SUPERBLOCK, 64)
         if len(sb) < 64 or int.from_bytes(sb[0x38:0x3A], "little") != EXT_MAGIC:
             return False
         return int.from_bytes(sb[0x18:0x1C], "little") <= 6 and int.from_bytes(sb[0:4], "little") > 0
 
     def identify(self, offset: int, size: int) -> str:
-        """What a volume holds instead of ext2/3/4, in a few words."""
+        """What a volume holds instead of ext2/ext3/ext4, in a few words."""
         head = self.read(offset, min(size, 65536))
         checks = (
             (head[:4] == b"XFSB", "an XFS filesystem"),
@@ -297,7 +308,7 @@ def _volume(disk: _Disk, p: _Partition) -> Volume:
 
 
 def find_volume(pread: Pread, disk_size: int, *, partition: int | None, name: str) -> Volume:
-    """The volume of the disk that holds the ext2/3/4 filesystem to read (see the module's text).
+    """The volume of the disk that holds the ext2/ext3/ext4 filesystem to read (see the module's text).
 
     ``pread(length, offset)`` reads the disk, ``disk_size`` is its size in bytes, ``name`` its path
     for messages. Raises :class:`~ubdcow.errors.PartitionError` when the choice is the user's
@@ -313,41 +324,72 @@ def find_volume(pread: Pread, disk_size: int, *, partition: int | None, name: st
     if table is not None:
         table.partitions = _with_ext(disk, table)
     if partition is not None:
-        if table is None or not table.partitions:
-            if whole:
-                raise PartitionError(name, f"no partition table, so no partition {partition}: the filesystem "
-                                     "fills the whole disk", hint="leave out --partition")  # fmt: skip
-            raise UnsupportedFilesystemError(name, f"no partition table and no ext2/3/4 filesystem: the disk holds "
-                                             f"{disk.identify(0, disk.size)}")  # fmt: skip
-        chosen = next((p for p in table.partitions if p.number == partition), None)
-        if chosen is None or chosen.extended:
-            data = [p for p in table.partitions if not p.extended]
-            numbers = _some([str(p.number) for p in data[:MAX_LISTED]], len(data))
-            what = "is the extended partition" if chosen else "is not in the table"
-            raise PartitionError(name, f"partition {partition} {what} ({table.kind}: {numbers or 'none'})"
-                                 f"{table.note()}", hint=f"--partition takes one of: {numbers}")  # fmt: skip
-        if not chosen.ext:
-            if chosen.start >= disk.sectors:
-                _volume(disk, chosen)  # raises: past the end
-            raise UnsupportedFilesystemError(name, f"{chosen.describe()} holds "
-                                             f"{disk.identify(chosen.offset, chosen.size)}, not ext2/3/4")  # fmt: skip
-        return _volume(disk, chosen)
+        return _chosen(disk, table, whole, partition)
+    return _automatic(disk, table, whole)
+
+
+def _chosen(disk: _Disk, table: _Table | None, whole: bool, partition: int) -> Volume:
+    """``--partition N``."""
+    name = disk.name
+    if table is None or not table.partitions:
+        if whole:
+            raise PartitionError(
+                name,
+                f"no partition table, so no partition {partition}: the filesystem fills the whole disk",
+                hint="leave out --partition",
+            )
+        raise UnsupportedFilesystemError(
+            name,
+            f"no partition table and no ext2/ext3/ext4 filesystem: the disk holds {disk.identify(0, disk.size)}",
+        )
+    chosen = next((p for p in table.partitions if p.number == partition), None)
+    if chosen is None or chosen.extended:
+        data = [p for p in table.partitions if not p.extended]
+        numbers = _some([str(p.number) for p in data[:MAX_LISTED]], len(data))
+        what = "is the extended partition" if chosen else "is not in the table"
+        raise PartitionError(
+            name,
+            f"partition {partition} {what} ({table.kind}: {numbers or 'none'}){table.note()}",
+            hint=f"--partition takes one of: {numbers}" if data else None,
+        )
+    if not chosen.ext:
+        if chosen.start >= disk.sectors:
+            _volume(disk, chosen)  # raises: past the end
+        raise UnsupportedFilesystemError(
+            name, f"{chosen.describe()} holds {disk.identify(chosen.offset, chosen.size)}, not ext2/ext3/ext4"
+        )
+    return _volume(disk, chosen)
+
+
+def _automatic(disk: _Disk, table: _Table | None, whole: bool) -> Volume:
+    """No ``--partition``: the only candidate, else the whole disk, else an error."""
+    name = disk.name
     candidates = [p for p in table.partitions if p.ext] if table is not None else []
     if len(candidates) == 1:
         return _volume(disk, candidates[0])
     if len(candidates) > 1:
         listing = _some([p.listing() for p in candidates[:MAX_LISTED]], len(candidates))
-        raise PartitionError(name, f"{len(candidates)} partitions hold an ext2/3/4 filesystem: {listing}",
-                             hint="choose one with --partition N")  # fmt: skip
+        raise PartitionError(
+            name,
+            f"{len(candidates)} partitions hold an ext2/ext3/ext4 filesystem: {listing}",
+            hint="choose one with --partition N",
+        )
     if whole:
-        return Volume(0, disk_size, None, "whole disk")
+        return Volume(0, disk.size, None, "whole disk")
     if table is None or not table.partitions:
         table_text = "no partition table" if table is None else f"an {table.kind} table with no partitions"
-        raise UnsupportedFilesystemError(name, f"no ext2/3/4 filesystem: {table_text}, and the disk holds "
-                                         f"{disk.identify(0, disk.size)}")  # fmt: skip
+        raise UnsupportedFilesystemError(
+            name, f"no ext2/ext3/ext4 filesystem: {table_text}, and the disk holds {disk.identify(0, disk.size)}"
+        )
     data = [p for p in table.partitions if not p.extended]
-    found = _some([f"{p.describe()} " + ("starts past the disk's end" if p.start >= disk.sectors else
-                                         f"holds {disk.identify(p.offset, p.size)}")
-                   for p in data[:MAX_LISTED]], len(data))  # fmt: skip
-    raise UnsupportedFilesystemError(name, f"no partition holds an ext2/3/4 filesystem: {found or 'none'}"
-                                     f"{table.note()}")  # fmt: skip
+    found = _some(
+        [
+            f"{p.describe()} "
+            + ("starts past the disk's end" if p.start >= disk.sectors else f"holds {disk.identify(p.offset, p.size)}")
+            for p in data[:MAX_LISTED]
+        ],
+        len(data),
+    )
+    raise UnsupportedFilesystemError(
+        name, f"no partition holds an ext2/ext3/ext4 filesystem: {found or 'none'}{table.note()}"
+    )
