@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Callable
 
@@ -12,12 +13,14 @@ from . import layout as L
 from .blockmap import block_map
 from .filesystem import FileSystem
 from .inodes import InodeTable
+from .journal import NO_JOURNAL_HINT, replay
+from .partitions import find_volume
 from .superblock import Geometry, check_features, parse_superblock
 from .volume import Corrupt, Pread, PreadInto, Replay, Volume
 
 __all__ = ["open_fs", "open_volume"]
 
-_NO_JOURNAL = "read the disk as it is, without the journal's last transactions, with --no-journal (journal=False)"
+_NO_JOURNAL = NO_JOURNAL_HINT
 
 
 def open_fs(
@@ -66,10 +69,6 @@ def open_volume(
     transactions = 0
     if needs_recovery and journal:
         replay, transactions = _replay(volume, geo, name)
-        beyond = [b for b in (replay.blocks if replay is not None else ()) if not 0 <= b < geo.blocks_count]
-        if beyond:
-            raise JournalError(name, f"the journal names block {min(beyond)}, past the end of the filesystem "
-                               f"({geo.blocks_count} blocks)", hint=_NO_JOURNAL)  # fmt: skip
         volume.set_replay(replay)
         # the journal may hold newer copies of the superblock and the group descriptors
         block = L.SUPERBLOCK_OFFSET // geo.block_size
@@ -95,51 +94,47 @@ def _geometry(volume: Volume, raw: bytes, name: str) -> Geometry:
 
 
 def _find_volume(pread: Pread, disk_size: int, *, partition: int | None, name: str) -> tuple[int, int, int | None, str]:
-    """(offset, size, partition number, description) of the filesystem's volume: partitions.find_volume."""
-    try:
-        from .partitions import find_volume  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # until the partition reader lands: whole disks only
-        return 0, disk_size, None, "whole disk"
+    """(offset, size, partition number, description) of the filesystem's volume."""
     found = find_volume(pread, disk_size, partition=partition, name=name)
     return found.offset, found.size, found.number, found.description
 
 
-def _replay(volume: Volume, geo: Geometry, name: str) -> tuple[Replay | None, int]:
+def _replay(volume: Volume, geo: Geometry, name: str) -> tuple[Replay, int]:
     """Replay the internal journal (journal.replay over the journal inode's blocks); refuse an external one."""
     if geo.has_incompat(L.INCOMPAT_JOURNAL_DEV) or geo.journal_inum == 0 or geo.journal_dev:
         raise JournalError(name, "the filesystem needs recovery and its journal is on another device",
                            hint=_NO_JOURNAL)  # fmt: skip
     try:
         inode = InodeTable(volume).get(geo.journal_inum)
-        bmap = block_map(volume, inode)
+        bs = geo.block_size
+        nblocks = inode.size // bs
+        if nblocks > geo.blocks_count:
+            raise Corrupt(f"it claims {nblocks} blocks, more than the filesystem's {geo.blocks_count}")
+        # mapped now, through the disk as it is: once the replay is installed, reading a journal block must
+        # not go through the replayed view (whose blocks the journal holds)
+        runs = list(block_map(volume, inode).runs(0, nblocks))
     except Corrupt as exc:
         raise JournalError(name, f"the journal inode {geo.journal_inum} is unreadable: {exc.problem}",
                            hint=_NO_JOURNAL) from None  # fmt: skip
-    bs = geo.block_size
-    nblocks = inode.size // bs
+    starts = [logical for logical, _, _, _ in runs]
 
     def read_block(n: int) -> bytes:
         if not 0 <= n < nblocks:
             raise JournalError(name, f"the journal names its block {n}, past its end ({nblocks} blocks)",
                                hint=_NO_JOURNAL)  # fmt: skip
+        i = bisect.bisect_right(starts, n) - 1
+        if i < 0 or n >= runs[i][0] + runs[i][2] or runs[i][3]:
+            return bytes(bs)  # a hole or an uninitialized extent in the journal reads as zeros
         try:
-            for _, physical, _, uninit in bmap.runs(n, 1):
-                return bytes(bs) if uninit else volume.read(bs, physical * bs)
+            return volume.read(bs, (runs[i][1] + n - runs[i][0]) * bs)
         except Corrupt as exc:
             raise JournalError(name, f"journal block {n}: {exc.problem}", hint=_NO_JOURNAL) from None
-        return bytes(bs)  # a hole in the journal reads as zeros
 
-    return _call_replay(read_block, nblocks, bs, name)
+    return _call_replay(read_block, nblocks, geo, name)
 
 
-def _call_replay(
-    read_block: Callable[[int], bytes], nblocks: int, block_size: int, name: str
-) -> tuple[Replay | None, int]:
-    """The seam with ubdcow.fs.journal: its replay of the log, or an error naming --no-journal."""
-    try:
-        from .journal import replay  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # until the journal reader lands
-        raise JournalError(name, "the filesystem needs recovery (its journal holds transactions) and this "
-                           "build cannot replay a journal", hint=_NO_JOURNAL) from None  # fmt: skip
-    result = replay(read_block, nblocks, block_size=block_size, name=name)
-    return result, int(result.transactions)
+def _call_replay(read_block: Callable[[int], bytes], nblocks: int, geo: Geometry, name: str) -> tuple[Replay, int]:
+    """The seam with ubdcow.fs.journal: its replay of the log (empty when the log is clean); a transaction
+    that writes past the filesystem's end makes the journal corrupt."""
+    result = replay(read_block, nblocks, block_size=geo.block_size, name=name, fs_blocks=geo.blocks_count)
+    return result, result.transactions
