@@ -92,3 +92,63 @@ def test_layout_holds_the_structures_it_covers(fs_images, layout):
         last_group = (int(facts["Block count"]) - 1) // int(facts["Blocks per group"])
         inodes = [int(line.split()[0]) for line in debugfs(image, 'ls -l "/big dir"').splitlines() if line.strip()]
         assert last_group >= 32 and max(inodes) > 32 * int(facts["Inodes per group"])
+
+
+def partitioned_disk(folder: Path, images: list[Path], label: str) -> tuple[Path, list[int]]:
+    """A disk with an MBR or GPT (``label``: dos or gpt, written by sfdisk) and one partition per image
+    (Linux type), each image copied in at its partition's offset; returns the disk and the offsets."""
+    sfdisk = require_tool("sfdisk", "fdisk")
+    mib = 1 << 20
+    sizes = [-(-im.stat().st_size // mib) for im in images]
+    disk = folder / f"disk-{label}.img"
+    with open(disk, "wb") as f:
+        f.truncate((sum(sizes) + 2 * len(sizes) + 2) * mib)
+    starts, at = [], 1
+    for size in sizes:
+        starts.append(at)
+        at += size + 1
+    script = f"label: {label}\n" + "".join(f"start={s * 2048}, size={z * 2048}, type=linux\n"
+                                            for s, z in zip(starts, sizes, strict=True))  # fmt: skip
+    proc = subprocess.run([sfdisk, "-q", str(disk)], input=script, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for image, start in zip(images, starts, strict=True):
+        proc = subprocess.run(["dd", f"if={image}", f"of={disk}", "bs=1M", f"seek={start}", "conv=sparse,notrunc",
+                               "status=none"], capture_output=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    return disk, [s * mib for s in starts]
+
+
+@pytest.mark.slow
+def test_a_filesystem_inside_a_partitioned_disk(fs_images, tmp_path):
+    require_root("building the tree (owners, devices) and the loop mount")
+    image = fs_images.image("no64")
+    disk, (offset,) = partitioned_disk(tmp_path, [image], "dos")
+    with mounted(disk, offset=offset) as point:
+        kernel = kernel_view(point)
+    with ubdcow.open_fs(disk) as fs:  # the only Linux partition, found by itself
+        assert fs.where.startswith("partition 1") and fs.size == image.stat().st_size
+        assert_same_view(kernel, reader_view(fs))
+        with pytest.raises(ubdcow.FsFileNotFoundError) as err:
+            fs.stat("/nope")
+        assert str(err.value) == f"{disk}: partition 1: /nope: no such file or directory"
+    cow = tmp_path / "overlay.cow"  # an overlay on the partitioned disk reads the same
+    ubdcow.create(cow, disk)
+    with ubdcow.open_fs(cow, partition=1) as over, ubdcow.open_fs(disk) as raw:
+        assert list(over.walk("/")) == list(raw.walk("/"))
+        assert over.read_bytes("/files/random-3M") == raw.read_bytes("/files/random-3M")
+
+
+@pytest.mark.slow
+def test_several_partitions_need_a_choice(fs_images, tmp_path):
+    require_root("building the tree (owners, devices) and the loop mount")
+    images = [fs_images.image("ext2-rev0"), fs_images.image("ea_inode")]
+    disk, offsets = partitioned_disk(tmp_path, images, "gpt")
+    with pytest.raises(ubdcow.PartitionError, match="2 partitions hold an ext2/ext3/ext4") as err:
+        ubdcow.open_fs(disk)
+    assert "\n" not in str(err.value) and "1 (start " in str(err.value) and "2 (start " in str(err.value)
+    for number, (image, offset) in enumerate(zip(images, offsets, strict=True), start=1):
+        with mounted(disk, offset=offset) as point:
+            kernel = kernel_view(point)
+        with ubdcow.open_fs(disk, partition=number) as fs:
+            assert fs.where.startswith(f"partition {number}")
+            assert_same_view(kernel, reader_view(fs))
