@@ -102,7 +102,8 @@ def build_tree(root: Path, layout: Layout) -> None:
     # 1500 pieces: 1500 extents, a tree of depth 2 (a leaf holds 340 of them in 4 KiB, 84 in 1 KiB)
     _sparse(r / "files" / "fragmented", [(i * 8192, b"piece %d" % i) for i in range(1500)])
     if layout.big_sparse:
-        _sparse(r / "files" / "past-4G", [(0, b"head"), (4 * GiB + (16 << 20), b"past four GiB")], size=4 * GiB + (17 << 20))
+        past = 4 * GiB + (16 << 20)  # beyond the double indirect blocks of 4 KiB blocks: triple indirect
+        _sparse(r / "files" / "past-4G", [(0, b"head"), (past, b"past four GiB")], size=past + (1 << 20))
     _modes(r)
     _special(r)
     _links(r, layout)
@@ -330,8 +331,9 @@ def reader_view(fs: Any, *, hashes: bool = True) -> dict[bytes, dict[str, Any]]:
     """The same records from ubdcow's reader (a ``FileSystem``), through ``walk``, ``xattrs`` and ``open``."""
     out: dict[bytes, dict[str, Any]] = {}
     for st in fs.walk(b"/"):
-        record = {key: getattr(st, key) for key in ("type", "mode", "uid", "gid", "size", "nlink", "atime_ns",
-                                                     "mtime_ns", "ctime_ns", "inode", "blocks", "rdev", "target")}  # fmt: skip
+        keys = ("type", "mode", "uid", "gid", "size", "nlink", "atime_ns", "mtime_ns", "ctime_ns", "inode", "blocks",
+                "rdev", "target")  # fmt: skip
+        record = {key: getattr(st, key) for key in keys}
         record["xattrs"] = fs.xattrs(st.path)
         record["sha256"] = None
         if st.type == "file" and hashes:

@@ -224,3 +224,46 @@ def test_a_huge_directory_size_costs_only_its_mapped_blocks(base, tmp_path):
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(image), "list", "/a"], capture_output=True, text=True,
                           timeout=30, env=env)  # fmt: skip
     assert proc.returncode == 0 and json.loads(proc.stdout) == {"ok": True}, proc.stdout + proc.stderr
+
+
+def set_incompat(image: Path, bits: int) -> None:
+    with open(image, "r+b") as f:
+        f.seek(1024 + 0x60)
+        value = struct.unpack("<I", f.read(4))[0]
+        f.seek(1024 + 0x60)
+        f.write(struct.pack("<I", value | bits))
+
+
+@pytest.mark.parametrize("bits,name", [(0x20000, "casefold"), (0x10000, "encrypt"), (0x1, "compression"),
+                                       (0x1000, "dirdata"), (0x80000, "unknown incompat feature 0x80000")])  # fmt: skip
+def test_unknown_features_are_refused_by_name(base, tmp_path, bits, name):
+    import ubdcow
+
+    image = tmp_path / "feature.img"
+    shutil.copyfile(base, image)
+    set_incompat(image, bits)
+    with pytest.raises(ubdcow.UnsupportedFilesystemError) as err:
+        ubdcow.open_fs(image)
+    assert str(err.value) == f"{image}: the filesystem uses {name}, which this reader does not support"
+
+
+def test_bigalloc_is_refused(tmp_path):
+    import ubdcow
+
+    image = tmp_path / "bigalloc.img"
+    run(require_tool("mkfs.ext4", "e2fsprogs"), "-q", "-O", "bigalloc", "-C", "16384", image, "64M")
+    with pytest.raises(ubdcow.UnsupportedFilesystemError, match="uses bigalloc"):
+        ubdcow.open_fs(image)
+
+
+def test_an_encrypted_inode_is_refused_for_its_path_only(base, tmp_path):
+    import ubdcow
+
+    image = tmp_path / "encrypted.img"
+    shutil.copyfile(base, image)
+    debugfs(image, "sif /plain flags 0x80800", write=True)  # extents + encrypt
+    with ubdcow.open_fs(image) as fs:
+        assert fs.stat("/plain").size == 10000
+        with pytest.raises(ubdcow.UnsupportedFilesystemError, match=r"/plain: inode \d+ is encrypted"):
+            fs.read_bytes("/plain")
+        assert fs.read_bytes("/a/file") == b"hi\n"

@@ -150,5 +150,37 @@ def test_several_partitions_need_a_choice(fs_images, tmp_path):
         with mounted(disk, offset=offset) as point:
             kernel = kernel_view(point)
         with ubdcow.open_fs(disk, partition=number) as fs:
-            assert fs.where.startswith(f"partition {number}")
+            assert fs.where.startswith(f"partition {number}") and fs.size == image.stat().st_size
             assert_same_view(kernel, reader_view(fs))
+
+
+@pytest.mark.parametrize("layout", ["ext2-rev0", "inline", "ea_inode", "meta_bg"])
+def test_debugfs_lists_every_folder_as_the_reader_does(fs_images, tmp_path, layout):
+    """A second oracle, without the kernel: ``debugfs -R 'ls -p'`` of every folder (inode, mode, owner, size
+    of each entry). /names is left out: one of its names holds a newline, which ls -p cannot show."""
+    require_root("building the tree (owners, devices)")
+    image = fs_images.image(layout)
+    with ubdcow.open_fs(image) as fs:
+        folders = [st.path for st in fs.walk(b"/") if st.type == "dir" and not st.path.startswith(b"/names")]
+        ours = {d: {(s.name, s.inode, s.st_mode, s.uid, s.gid, None if s.type == "dir" else s.size)
+                    for s in fs.scandir(d)} for d in folders}  # fmt: skip
+    commands = tmp_path / "commands"
+    commands.write_bytes(b"".join(b'ls -p "%s"\n' % d for d in folders))
+    proc = subprocess.run([require_tool("debugfs", "e2fsprogs"), "-f", str(commands), str(image)],
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    theirs: dict[bytes, set[tuple[bytes, int, int, int, int, int | None]]] = {}
+    current = b""
+    for line in proc.stdout.split(b"\n"):
+        if line.startswith(b"debugfs: ls -p "):
+            current = line[len(b"debugfs: ls -p ") :].strip(b'"')
+            theirs[current] = set()
+        elif line.startswith(b"/") and line.endswith(b"/"):
+            _, ino, mode, uid, gid, rest = line.split(b"/", 5)
+            name, size = rest[:-1].rsplit(b"/", 1)
+            if name not in (b".", b"..") and int(ino):  # ls -p shows empty slots, and no size for folders
+                theirs[current].add((name, int(ino), int(mode, 8), int(uid) & 0xFFFFFFFF, int(gid) & 0xFFFFFFFF,
+                                     int(size) if size else None))  # debugfs prints ids signed
+    assert theirs.keys() == ours.keys()
+    different = [d for d in folders if theirs[d] != ours[d]]
+    assert not different, (different[:3], [sorted(theirs[d] ^ ours[d])[:5] for d in different[:3]])

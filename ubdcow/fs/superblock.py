@@ -136,6 +136,8 @@ def parse_superblock(raw: bytes, *, name: str, volume_size: int) -> Geometry:
         raise CorruptFilesystemError(name, f"superblock: {exc}") from None
     if sb.s_magic != L.EXT_MAGIC:
         raise UnsupportedFilesystemError(name, "no ext2/ext3/ext4 filesystem (bad superblock magic)")
+    if sb.s_rev_level >= L.DYNAMIC_REV:  # a valid filesystem this reader refuses: say so before its geometry
+        _refuse(sb.s_feature_incompat, sb.s_feature_ro_compat, name)
     bad = _geometry_problem(sb, volume_size)
     if bad:
         raise CorruptFilesystemError(name, f"superblock: {bad}")
@@ -207,15 +209,14 @@ def _geometry_problem(sb: cs.Container, volume_size: int) -> str | None:
 
 def check_features(geo: Geometry, name: str) -> None:
     """Refuse, naming the feature, what the reader does not understand (reading it could give wrong answers)."""
-    unknown = geo.incompat & ~SUPPORTED_INCOMPAT
-    if unknown:
-        names = [L.INCOMPAT.get(1 << i, f"unknown incompat feature {1 << i:#x}") for i in range(32) if unknown >> i & 1]
-        raise UnsupportedFilesystemError(
-            name, f"the filesystem uses {', '.join(names)}, which this reader does not support"
-        )
-    if geo.ro_compat & REFUSED_RO_COMPAT:
-        refused = geo.ro_compat & REFUSED_RO_COMPAT
-        names = [L.RO_COMPAT[1 << i] for i in range(32) if refused >> i & 1]
+    _refuse(geo.incompat, geo.ro_compat, name)
+
+
+def _refuse(incompat: int, ro_compat: int, name: str) -> None:
+    refused = [(1 << i, L.INCOMPAT, "incompat") for i in range(32) if (incompat & ~SUPPORTED_INCOMPAT) >> i & 1]
+    refused += [(1 << i, L.RO_COMPAT, "ro_compat") for i in range(32) if (ro_compat & REFUSED_RO_COMPAT) >> i & 1]
+    if refused:
+        names = [table.get(bit, f"unknown {kind} feature {bit:#x}") for bit, table, kind in refused]
         raise UnsupportedFilesystemError(
             name, f"the filesystem uses {', '.join(names)}, which this reader does not support"
         )
