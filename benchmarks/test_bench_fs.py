@@ -131,7 +131,7 @@ def big_file(bench_dir: Path) -> BigFile:
         for pos in range(0, size, 64 * MiB):
             f.write(rng.bytes(min(64 * MiB, size - pos)))
     backing = bench_dir / "big-backing.img"
-    proc = subprocess.run([mkfs, "-q", "-F", "-b", "4096", "-d", str(tree), str(backing), str(size + 256 * MiB)],
+    proc = subprocess.run([mkfs, "-q", "-F", "-b", "4096", "-d", str(tree), str(backing), f"{(size >> 20) + 256}M"],
                           capture_output=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     os.unlink(tree / "big")

@@ -38,8 +38,8 @@ def parse_entries(
         if pos + L.DIR_ENTRY_HEAD_SIZE > end:
             raise Corrupt(f"{where}: a directory entry at byte {pos - start} runs past the end")
         ino, rec_len, name_len, ftype = unpack(data, pos)
-        if big_blocks and rec_len in (0, 0xFFFF):
-            rec_len = 1 << 16  # 64 KiB blocks
+        if big_blocks:  # 64 KiB blocks: 0 and 65535 mean 65536, the two low bits hold bits 16 and 17
+            rec_len = 1 << 16 if rec_len in (0, 0xFFFF) else (rec_len & 0xFFFC) | (rec_len & 3) << 16
         if rec_len < _MIN_REC_LEN or rec_len & 3 or pos + rec_len > end:
             raise Corrupt(f"{where}: a directory entry at byte {pos - start} has a bad rec_len {rec_len}")
         if not filetype:

@@ -48,7 +48,7 @@ MAX_SYMLINKS = 40
 #: the deepest a walk goes (a path the kernel can name has at most 2048 components)
 MAX_DEPTH = 2048
 #: directory entries kept in the lookup cache (name -> inode tables of recently searched directories)
-NAME_CACHE_ENTRIES = 1 << 18
+NAME_CACHE_ENTRIES = 1 << 16
 #: entries whose inodes a walk reads in one batch
 WALK_BATCH = 256
 _ACLS = (2, 3)
