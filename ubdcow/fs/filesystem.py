@@ -228,10 +228,10 @@ class FileSystem:
             return self._stat(like(raw, as_str), self._resolve(raw, follow_symlinks), as_str)
 
     def exists(self, path: PathLike) -> bool:
-        """Whether ``path`` names an entry (a dangling symlink exists)."""
+        """Whether ``path`` names an entry (a dangling symlink exists; a symlink loop on the way does not)."""
         try:
             self.stat(path)
-        except (FsFileNotFoundError, FsNotADirectoryError):
+        except FsPathError:
             return False
         return True
 
