@@ -179,13 +179,16 @@ class _Disk:
         return "no filesystem ubdcow recognizes"
 
 
-def _mbr(disk: _Disk, sector: int) -> cs.Container | None:
-    """The MBR (or EBR) at ``sector`` if it has the signature and sane boot flags."""
+def _mbr(disk: _Disk, sector: int, *, boot_flags: bool = True) -> cs.Container | None:
+    """The MBR (or EBR) at ``sector`` if it has the signature (and, for an MBR, boot flags of 0x00 or
+    0x80 only: Linux's test that tells a partition table from a FAT boot sector)."""
     data = disk.read(sector * SECTOR, SECTOR)
     if len(data) < SECTOR:
         return None
     mbr = L.MBR.parse(data)
-    if mbr.signature != L.MBR_SIGNATURE or any(e.status not in (0x00, 0x80) for e in mbr.entries):
+    if mbr.signature != L.MBR_SIGNATURE:
+        return None
+    if boot_flags and any(e.status not in (0x00, 0x80) for e in mbr.entries):
         return None
     return mbr
 
@@ -211,7 +214,7 @@ def _read_mbr(disk: _Disk, mbr: cs.Container) -> _Table:
                 table.problems.append(f"the extended partition's chain loops back to sector {this}")
                 break
             seen.add(this)
-            ebr = _mbr(disk, this)
+            ebr = _mbr(disk, this, boot_flags=False)
             if ebr is None:  # Linux stops there too
                 if this >= disk.sectors:
                     table.problems.append(f"the extended partition's chain points past the disk's end (sector {this})")
