@@ -12,11 +12,12 @@ import io
 import json
 import os
 import random
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import require_root
+from conftest import require_root, require_tool
 from fstree import LAYOUTS, mounted
 
 import ubdcow
@@ -276,3 +277,110 @@ def test_not_a_filesystem(tmp_path):
     with pytest.raises(ubdcow.ImageIOError):
         ubdcow.open_fs(tmp_path / "missing.img")
     assert issubclass(CorruptFilesystemError, UbdCowError)
+
+
+# -- sorted walks, pruning, entries named by their FileStat, SEEK_DATA/SEEK_HOLE -------------------------------
+
+
+def test_a_sorted_walk_is_in_path_order_name_by_name(fs, mnt):
+    plain = list(fs.walk(b"/"))
+    ordered = list(fs.walk(b"/", sort=True))
+    assert sorted(plain, key=lambda st: st.path) == sorted(ordered, key=lambda st: st.path)  # the same entries
+    paths = [st.path for st in ordered]
+    assert paths == sorted(paths, key=lambda p: p.split(b"/")) and paths != [st.path for st in plain]
+    for st in ordered:  # each folder's entries in byte order, as the kernel lists them
+        if st.type == "dir":
+            names = sorted(os.listdir(host(mnt, st.path)))
+            inside = [c.name for c in ordered if c.path != b"/" and c.path.rsplit(b"/", 1)[0] == st.path.rstrip(b"/")]
+            assert inside == names, st.path
+
+
+def test_descend_prunes_after_the_folder_was_seen(fs):
+    seen: list[str] = []
+
+    def descend(st: FileStat) -> bool:
+        seen.append(st.path)
+        return st.name != "links"
+
+    paths = [st.path for st in fs.walk("/", sort=True, descend=descend)]
+    assert "/links" in paths and not any(p.startswith("/links/") for p in paths)
+    assert "/files/size-100" in paths and "/deep/level00/level01" in paths
+    assert seen == [p for p in paths[1:] if fs.stat(p).type == "dir"]  # asked once per folder below the top
+    assert [st.path for st in fs.walk("/", descend=lambda st: False)] == ["/", *(f"/{n}" for n in fs.listdir("/"))]
+
+
+def test_a_filestat_names_its_own_entry_without_a_lookup(fs, mnt):
+    for st in fs.scandir(b"/xattrs"):
+        kernel = {n: os.getxattr(host(mnt, st.path), n, follow_symlinks=False)
+                  for n in os.listxattr(host(mnt, st.path), follow_symlinks=False)}  # fmt: skip
+        assert fs.xattrs(st) == kernel, st.path
+    st = fs.stat("/files/size-4097")
+    with fs.open(st) as f:
+        assert f.read() == Path(os.fsdecode(host(mnt, "/files/size-4097"))).read_bytes()
+    moved = FileStat(b"/nowhere/at/all", *[getattr(st, k) for k in st.__slots__[1:]])  # the inode counts
+    with fs.open(moved) as f:
+        assert f.read(5) == fs.read_bytes("/files/size-4097")[:5] and f.name == b"/nowhere/at/all"
+    with pytest.raises(FsPathError, match="not a regular file"):
+        fs.open(fs.stat("/links/short"))  # a symbolic link's own FileStat is not followed
+
+
+def data_map(seek, size: int) -> list[tuple[int, int]]:
+    """The (start, end) stretches of data that SEEK_DATA/SEEK_HOLE report, as ``seek(offset, whence)`` does."""
+    out, pos = [], 0
+    while pos < size:
+        try:
+            start = seek(pos, os.SEEK_DATA)
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO
+            break
+        end = seek(start, os.SEEK_HOLE)
+        assert end > start
+        out.append((start, end))
+        pos = end
+    return out
+
+
+@pytest.mark.parametrize("inside", ["/files/holes", "/files/hole-at-end", "/files/fragmented", "/files/past-4G",
+                                    "/files/size-4097", "/files/size-0", "/files/random-3M"])  # fmt: skip
+def test_seek_data_and_hole_as_the_kernel(fs, mnt, inside):
+    fd = os.open(host(mnt, inside), os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        kernel = data_map(lambda off, whence: os.lseek(fd, off, whence), size)
+        with fs.open(inside) as f:
+            assert data_map(f.seek, size) == kernel
+            for off in sorted({0, 1, 4095, 8192, 8193, 200_000, size - 1, size} - {-1}):
+                for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                    try:
+                        want: object = os.lseek(fd, off, whence)
+                    except OSError as exc:
+                        want = exc.errno
+                    try:
+                        got: object = f.seek(off, whence)
+                    except OSError as exc:
+                        got = exc.errno
+                    assert got == want, (off, whence)
+    finally:
+        os.close(fd)
+
+
+def test_preallocated_extents_are_holes_to_seek_data(tmp_path):
+    require_root("the loop mount")
+    debugfs = require_tool("debugfs", "e2fsprogs")
+    image = tmp_path / "prealloc.img"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(os.urandom(40960))
+    subprocess.run([require_tool("mkfs.ext4", "e2fsprogs"), "-q", "-b", "4096", "-d", str(tree), str(image), "16M"],
+                   check=True, capture_output=True)  # fmt: skip
+    proc = subprocess.run([debugfs, "-w", "-R", "fallocate /f 20 29", str(image)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Uninit" in subprocess.run([debugfs, "-R", "dump_extents /f", str(image)],
+                                                                capture_output=True, text=True).stdout  # fmt: skip
+    with mounted(image) as point, ubdcow.open_fs(image) as fs, fs.open("/f") as f:
+        fd = os.open(point / "f", os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            assert data_map(lambda off, whence: os.lseek(fd, off, whence), size) == data_map(f.seek, size)
+            assert data_map(f.seek, size) == [(0, 40960)]
+        finally:
+            os.close(fd)

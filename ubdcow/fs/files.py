@@ -8,7 +8,9 @@ uninitialized extents are zero-filled; the journal's replayed blocks are copied 
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import threading
 from typing import Any
 
@@ -24,6 +26,9 @@ __all__ = ["Content", "FsFile", "symlink_target"]
 
 #: logical blocks mapped at once (the runs of one window are kept for the next read)
 WINDOW_BLOCKS = 8192
+#: logical blocks looked at per step when searching for data (``data_at``): a file that claims 2^32
+#: blocks is searched in 256 steps, each touching only the tree nodes that cover it
+SCAN_BLOCKS = 1 << 24
 
 
 def _zero(view: memoryview, start: int, stop: int) -> None:
@@ -102,6 +107,39 @@ class Content:
         self.readinto(memoryview(buf), offset)
         return bytes(buf)
 
+    def data_at(self, offset: int) -> tuple[int, int] | None:
+        """The first stretch of data that ends after ``offset``, as (start, end) byte offsets clipped to
+        ``offset`` and the size; None when only holes follow (or ``offset`` is at or past the end).
+
+        Data is what the block map maps and has initialized: holes and uninitialized (preallocated)
+        extents are holes, as ``lseek(SEEK_DATA)`` on ext4 reports them. Runs that follow each other
+        in the file make one stretch, wherever they lie on the disk.
+        """
+        if offset >= self.size:
+            return None
+        if self.inline is not None:
+            return offset, self.size
+        assert self.map is not None
+        bs = self.volume.block_size
+        block, stop = offset // bs, (self.size - 1) // bs + 1
+        start = end = -1
+        while block < stop:
+            count = min(SCAN_BLOCKS, stop - block)
+            for logical, _, length, uninit in self.map.runs(block, count):
+                if start >= 0 and (uninit or logical != end):
+                    return self._clip(start, end, offset)
+                if not uninit:
+                    start = logical if start < 0 else start
+                    end = logical + length
+            if start >= 0 and end < block + count:
+                break
+            block += count
+        return self._clip(start, end, offset) if start >= 0 else None
+
+    def _clip(self, start: int, end: int, offset: int) -> tuple[int, int]:
+        bs = self.volume.block_size
+        return max(start * bs, offset), min(end * bs, self.size)
+
 
 def _is_fast_symlink(inode: Inode, block_size: int) -> bool:
     """The kernel's rule: no blocks but an xattr block's, unless ea_inode-flagged (then the size decides)."""
@@ -126,8 +164,12 @@ def symlink_target(volume: Volume, inode: Inode) -> bytes:
     return target.split(b"\0", 1)[0]
 
 
+_SEEK_HOLES = (getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4))
+
+
 class FsFile(io.RawIOBase):
-    """A file inside the filesystem, read-only: ``read``, ``readinto``, ``seek``, ``tell``; ``size``, ``name``.
+    """A file inside the filesystem, read-only: ``read``, ``readinto``, ``seek`` (with ``os.SEEK_DATA`` and
+    ``os.SEEK_HOLE``), ``tell``; ``size``, ``name``.
 
     One object per reader (it has a position); the filesystem under it may be shared between threads.
     """
@@ -171,8 +213,14 @@ class FsFile(io.RawIOBase):
         return self.read(max(0, self.size - pos))
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """As ``os.lseek``: ``SEEK_SET``, ``SEEK_CUR``, ``SEEK_END``, and ``os.SEEK_DATA``/``os.SEEK_HOLE``
+        (the next byte of data, or of a hole, at or after ``offset``; the end of the file counts as a
+        hole; ``OSError(ENXIO)`` at or past the end, or when no data follows)."""
         self._checkClosed()
         with self._lock:
+            if whence in _SEEK_HOLES:
+                self._pos = self._seek_holes(offset, whence)
+                return self._pos
             base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
             if base is None:
                 raise ValueError(f"invalid whence {whence}")
@@ -180,6 +228,21 @@ class FsFile(io.RawIOBase):
                 raise ValueError("negative seek position")
             self._pos = base + offset
             return self._pos
+
+    def _seek_holes(self, offset: int, whence: int) -> int:
+        if offset < 0:
+            raise ValueError("negative seek position")
+        if offset >= self.size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        try:
+            stretch = self._content.data_at(offset)
+        except Corrupt as exc:
+            raise self._on_error(exc) from None
+        if whence == _SEEK_HOLES[1]:  # SEEK_HOLE: offset itself in a hole, or the end of its stretch of data
+            return offset if stretch is None or stretch[0] > offset else stretch[1]
+        if stretch is None:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        return stretch[0]
 
     def tell(self) -> int:
         self._checkClosed()

@@ -20,6 +20,7 @@ readlink of a non-link).
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -70,6 +71,7 @@ class FileSystem:
         needs_recovery: bool = False,
         journal_transactions: int = 0,
         closer: Callable[[], None] | None = None,
+        files: dict[str, os.stat_result] | None = None,
     ) -> None:
         geo = volume.geo
         assert geo is not None
@@ -94,6 +96,9 @@ class FileSystem:
         self.needs_recovery = needs_recovery
         #: transactions replayed from the journal when it was opened
         self.journal_transactions = journal_transactions
+        #: the files the disk's content comes from ("COW file" and "backing file", or "image"), as
+        #: ``os.stat`` saw them when it was opened (empty for ``open_volume``): for outputs' checks
+        self.files = dict(files or {})
 
     # -- life --------------------------------------------------------------------------------------
 
@@ -260,7 +265,12 @@ class FileSystem:
             raise self._error(raw, exc) from None
 
     def walk(
-        self, top: PathLike = "/", *, onerror: Callable[[FilesystemError], object] | None = None
+        self,
+        top: PathLike = "/",
+        *,
+        onerror: Callable[[FilesystemError], object] | None = None,
+        sort: bool = False,
+        descend: Callable[[FileStat], bool] | None = None,
     ) -> Iterator[FileStat]:
         """Every entry under ``top``, ``top`` first, depth first (a directory, then its content), streamed.
 
@@ -268,6 +278,13 @@ class FileSystem:
         is handed to it and the walk goes on without that directory's remaining entries. A directory
         reached twice (a directory hard link, a loop) is a corrupt filesystem: the directories seen are
         kept as a set of inode numbers, the only state a walk keeps besides one batch per level.
+
+        ``sort``: each directory's entries come in byte order of their names, so the whole walk is in
+        order of paths compared name by name (a directory's content right after it); a directory is
+        then read whole before its first entry comes (the walk keeps the entries of one directory per
+        level; with ``onerror``, a problem met reading it is reported first, then the entries read
+        before it come). ``descend(stat)``: whether to enter a directory below ``top`` (default: all);
+        it is asked when the walk goes on after yielding that directory, so the caller has seen it.
         """
         raw, as_str = to_bytes(top)
         with self._guard(raw):
@@ -277,13 +294,29 @@ class FileSystem:
         if not inode.is_dir:
             return
         seen = {inode.ino}
-        stack: list[tuple[bytes, Iterator[tuple[FileStat, bytes]]]] = [(raw, self._children(inode, raw, as_str))]
 
         def report(where: bytes, exc: Corrupt) -> None:
             error = self._error(where, exc)
             if onerror is None:
                 raise error from None
             onerror(error)
+
+        def listing(directory: Inode, where: bytes) -> Iterator[tuple[FileStat, bytes]]:
+            found = self._children(directory, where, as_str)
+            if not sort:
+                return found
+            entries: list[tuple[FileStat, bytes]] = []
+            try:
+                entries.extend(found)
+            except Corrupt as exc:
+                report(where, exc)
+            entries.sort(key=lambda entry: entry[1])
+            return iter(entries)
+
+        try:
+            stack: list[tuple[bytes, Iterator[tuple[FileStat, bytes]]]] = [(raw, listing(inode, raw))]
+        except Corrupt as exc:
+            raise self._error(raw, exc) from None
 
         while stack:
             where, children = stack[-1]
@@ -296,22 +329,22 @@ class FileSystem:
                 stack.pop()
                 report(where, exc)
                 continue
-            descend = stat.type == "dir"
-            if descend and stat.inode in seen:
-                report(path, Corrupt("a directory reached twice (a directory hard link or a loop)"))
-                descend = False
-            elif descend and len(stack) >= MAX_DEPTH:
-                report(path, Corrupt(f"directories nested deeper than {MAX_DEPTH} levels"))
-                descend = False
             yield stat
-            if descend:
+            enter = stat.type == "dir" and (descend is None or descend(stat))
+            if enter and stat.inode in seen:
+                report(path, Corrupt("a directory reached twice (a directory hard link or a loop)"))
+                enter = False
+            elif enter and len(stack) >= MAX_DEPTH:
+                report(path, Corrupt(f"directories nested deeper than {MAX_DEPTH} levels"))
+                enter = False
+            if enter:
                 seen.add(stat.inode)
                 try:
                     child = self._inodes.get(stat.inode)
+                    stack.append((path, listing(child, path)))
                 except Corrupt as exc:
                     report(path, exc)
                     continue
-                stack.append((path, self._children(child, path, as_str)))
 
     def _children(self, inode: Inode, where: bytes, as_str: bool) -> Iterator[tuple[FileStat, bytes]]:
         """(stat, path) of each entry of a directory; inodes read in batches of about WALK_BATCH."""
@@ -345,26 +378,38 @@ class FileSystem:
                 exc.path = path
                 raise
 
-    def _content(self, raw: bytes) -> Content:
-        inode = self._resolve(raw, True)
+    def _entry(self, path: PathLike | FileStat, follow: bool) -> tuple[bytes, bool, Inode]:
+        """(path, as_str, inode): ``path`` looked up, or a :class:`FileStat`'s own inode (no lookup)."""
+        if isinstance(path, FileStat):
+            raw, as_str = to_bytes(path.path)
+            return raw, as_str, self._inodes.get(path.inode)
+        raw, as_str = to_bytes(path)
+        return raw, as_str, self._resolve(raw, follow)
+
+    def _content(self, raw: bytes, inode: Inode) -> Content:
         if inode.is_dir:
             raise self._path_error(FsIsADirectoryError, raw, "is a directory")
         if inode.type != "file":
             raise self._path_error(FsPathError, raw, f"not a regular file (a {inode.type})")
         return Content(self._volume, self._plain(inode))
 
-    def open(self, path: PathLike) -> FsFile:
-        """The regular file ``path`` (symlinks followed) as a read-only ``io.RawIOBase``."""
-        raw, as_str = to_bytes(path)
+    def open(self, path: PathLike | FileStat) -> FsFile:
+        """The regular file ``path`` (symlinks followed) as a read-only ``io.RawIOBase``.
+
+        A :class:`FileStat` this filesystem gave (``walk``, ``scandir``, ``stat``) names its own entry,
+        by inode: nothing is looked up again.
+        """
+        raw = to_bytes(path.path if isinstance(path, FileStat) else path)[0]
         with self._guard(raw):
-            content = self._content(raw)
+            raw, as_str, inode = self._entry(path, True)
+            content = self._content(raw, inode)
         return FsFile(content, like(raw, as_str), lambda exc: self._error(raw, exc))
 
     def read_bytes(self, path: PathLike) -> bytes:
         """The whole content of the regular file ``path``."""
         raw, _ = to_bytes(path)
         with self._guard(raw):
-            content = self._content(raw)
+            content = self._content(raw, self._resolve(raw, True))
             return content.read(content.size)
 
     def readlink(self, path: PathLike) -> Any:
@@ -376,14 +421,15 @@ class FileSystem:
                 raise self._path_error(FsPathError, raw, "not a symbolic link")
             return like(self._target(inode), as_str)
 
-    def xattrs(self, path: PathLike, *, follow_symlinks: bool = False) -> dict[str, bytes]:
+    def xattrs(self, path: PathLike | FileStat, *, follow_symlinks: bool = False) -> dict[str, bytes]:
         """The extended attributes the kernel lists for ``path``: name (str, surrogateescape) -> value.
 
         POSIX ACLs come in the form ``getxattr`` gives; ``system.data`` (inline data) is not listed.
+        A :class:`FileStat` names its own entry (as for :meth:`open`).
         """
-        raw, _ = to_bytes(path)
+        raw = to_bytes(path.path if isinstance(path, FileStat) else path)[0]
         with self._guard(raw):
-            inode = self._resolve(raw, follow_symlinks)
+            raw, _, inode = self._entry(path, follow_symlinks)
             out: dict[str, bytes] = {}
             for entry in entries(self._volume, inode):
                 name = full_name(entry)

@@ -13,14 +13,14 @@ from . import layout as L
 from .blockmap import block_map
 from .filesystem import FileSystem
 from .inodes import InodeTable
-from .journal import NO_JOURNAL_HINT, replay
+from .journal import NO_JOURNAL_FIX, replay
 from .partitions import find_volume
 from .superblock import Geometry, check_features, parse_superblock
 from .volume import Corrupt, Pread, PreadInto, Replay, Volume
 
 __all__ = ["open_fs", "open_volume"]
 
-_NO_JOURNAL = NO_JOURNAL_HINT
+_NO_JOURNAL = (NO_JOURNAL_FIX,)
 
 
 def open_fs(
@@ -44,7 +44,7 @@ def open_fs(
             return bytes(buf[:n])
 
         return open_volume(pread, disk.size, name=name, partition=partition, journal=journal,
-                           preadinto=disk.preadinto, closer=disk.close)  # fmt: skip
+                           preadinto=disk.preadinto, closer=disk.close, files=disk.files)  # fmt: skip
     except BaseException:
         disk.close()
         raise
@@ -59,9 +59,11 @@ def open_volume(
     journal: bool = True,
     preadinto: PreadInto | None = None,
     closer: Callable[[], None] | None = None,
+    files: dict[str, os.stat_result] | None = None,
 ) -> FileSystem:
     """The filesystem on any disk given as ``pread(length, offset) -> bytes`` and its size (``name`` names
-    it in messages). ``open_fs`` is this over ``ubdcow.disk.open_disk``."""
+    it in messages; ``files``: the files its content comes from, as ``FileSystem.files``). ``open_fs`` is
+    this over ``ubdcow.disk.open_disk``."""
     offset, size, number, where = _find_volume(pread, disk_size, partition=partition, name=name)
     volume = Volume(pread, offset, size, name, preadinto=preadinto)
     geo = _geometry(volume, volume_read(volume), name)
@@ -76,7 +78,7 @@ def open_volume(
         geo = _geometry(volume, volume.block(block)[skip : skip + L.SUPERBLOCK_SIZE], name)
         needs_recovery = False
     return FileSystem(volume, where=where, partition=number, needs_recovery=needs_recovery,
-                      journal_transactions=transactions, closer=closer)  # fmt: skip
+                      journal_transactions=transactions, closer=closer, files=files)  # fmt: skip
 
 
 def volume_read(volume: Volume) -> bytes:
@@ -103,7 +105,7 @@ def _replay(volume: Volume, geo: Geometry, name: str) -> tuple[Replay, int]:
     """Replay the internal journal (journal.replay over the journal inode's blocks); refuse an external one."""
     if geo.has_incompat(L.INCOMPAT_JOURNAL_DEV) or geo.journal_inum == 0 or geo.journal_dev:
         raise JournalError(name, "the filesystem needs recovery and its journal is on another device",
-                           hint=_NO_JOURNAL)  # fmt: skip
+                           fixes=_NO_JOURNAL)  # fmt: skip
     try:
         inode = InodeTable(volume).get(geo.journal_inum)
         bs = geo.block_size
@@ -115,20 +117,20 @@ def _replay(volume: Volume, geo: Geometry, name: str) -> tuple[Replay, int]:
         runs = list(block_map(volume, inode).runs(0, nblocks))
     except Corrupt as exc:
         raise JournalError(name, f"the journal inode {geo.journal_inum} is unreadable: {exc.problem}",
-                           hint=_NO_JOURNAL) from None  # fmt: skip
+                           fixes=_NO_JOURNAL) from None  # fmt: skip
     starts = [logical for logical, _, _, _ in runs]
 
     def read_block(n: int) -> bytes:
         if not 0 <= n < nblocks:
             raise JournalError(name, f"the journal names its block {n}, past its end ({nblocks} blocks)",
-                               hint=_NO_JOURNAL)  # fmt: skip
+                               fixes=_NO_JOURNAL)  # fmt: skip
         i = bisect.bisect_right(starts, n) - 1
         if i < 0 or n >= runs[i][0] + runs[i][2] or runs[i][3]:
             return bytes(bs)  # a hole or an uninitialized extent in the journal reads as zeros
         try:
             return volume.read(bs, (runs[i][1] + n - runs[i][0]) * bs)
         except Corrupt as exc:
-            raise JournalError(name, f"journal block {n}: {exc.problem}", hint=_NO_JOURNAL) from None
+            raise JournalError(name, f"journal block {n}: {exc.problem}", fixes=_NO_JOURNAL) from None
 
     return _call_replay(read_block, nblocks, geo, name)
 
