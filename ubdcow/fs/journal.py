@@ -35,14 +35,16 @@ from typing import NoReturn
 import construct as cs
 import numpy as np
 
-from ..errors import JournalError
+from ..errors import Fix, JournalError
 from . import layout as L
 from .crc import crc32_be, crc32c
 
-__all__ = ["NO_JOURNAL_HINT", "JournalReplay", "replay"]
+__all__ = ["NO_JOURNAL_FIX", "NO_JOURNAL_HINT", "JournalReplay", "replay"]
 
-#: the hint of every journal error
-NO_JOURNAL_HINT = "--no-journal reads the disk as it is, without the changes still in the journal"
+#: the fix every journal error offers (the command line's --no-journal, the API's journal=False)
+NO_JOURNAL_FIX = Fix("to read the disk as it is (without the changes still in the journal)", (("no_journal", None),))
+#: the library's text of that hint
+NO_JOURNAL_HINT = NO_JOURNAL_FIX.text()
 
 _MASK32 = 0xFFFFFFFF
 
@@ -114,7 +116,9 @@ class JournalReplay:
 def _read(read_block: Callable[[int], bytes], n: int, block_size: int, name: str) -> bytes:
     data = read_block(n)
     if len(data) != block_size:
-        raise JournalError(name, f"journal block {n}: read {len(data)} bytes, not {block_size}", hint=NO_JOURNAL_HINT)
+        raise JournalError(
+            name, f"journal block {n}: read {len(data)} bytes, not {block_size}", fixes=(NO_JOURNAL_FIX,)
+        )
     return bytes(data)
 
 
@@ -214,7 +218,7 @@ class _Journal:
     # -- helpers -------------------------------------------------------------------------------
 
     def fail(self, problem: str) -> NoReturn:
-        raise JournalError(self.name, f"journal: {problem}", hint=NO_JOURNAL_HINT)
+        raise JournalError(self.name, f"journal: {problem}", fixes=(NO_JOURNAL_FIX,))
 
     def read(self, n: int, limit: int | None = None) -> bytes:
         if n >= (self.maxlen if limit is None else limit):
@@ -422,7 +426,7 @@ def replay(
         revoked, records = journal.revoked(scan)
         mapping, hits, escaped = journal.replay(scan, revoked, fs_blocks)
     except cs.ConstructError as exc:  # only a short block gets here: every field's value is accepted
-        raise JournalError(name, f"journal: unreadable structure ({exc})", hint=NO_JOURNAL_HINT) from None
+        raise JournalError(name, f"journal: unreadable structure ({exc})", fixes=(NO_JOURNAL_FIX,)) from None
     return JournalReplay(
         read_block,
         block_size,

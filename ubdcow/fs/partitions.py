@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import construct as cs
 import numpy as np
 
-from ..errors import PartitionError, UnsupportedFilesystemError
+from ..errors import Fix, PartitionError, UnsupportedFilesystemError
 from . import layout as L
 
 __all__ = ["Volume", "find_volume"]
@@ -339,7 +339,7 @@ def _chosen(disk: _Disk, table: _Table | None, whole: bool, partition: int) -> V
             raise PartitionError(
                 name,
                 f"no partition table, so no partition {partition}: the filesystem fills the whole disk",
-                hint="leave out --partition",
+                hint="leave the partition number out",
             )
         raise UnsupportedFilesystemError(
             name,
@@ -353,7 +353,7 @@ def _chosen(disk: _Disk, table: _Table | None, whole: bool, partition: int) -> V
         raise PartitionError(
             name,
             f"partition {partition} {what} ({table.kind}: {numbers or 'none'}){table.note()}",
-            hint=f"--partition takes one of: {numbers}" if data else None,
+            fixes=_choices(data),
         )
     if not chosen.ext:
         if chosen.start >= disk.sectors:
@@ -362,6 +362,11 @@ def _chosen(disk: _Disk, table: _Table | None, whole: bool, partition: int) -> V
             name, f"{chosen.describe()} holds {disk.identify(chosen.offset, chosen.size)}, not ext2/ext3/ext4"
         )
     return _volume(disk, chosen)
+
+
+def _choices(partitions: list[_Partition]) -> tuple[Fix, ...]:
+    """A fix naming each partition (the first MAX_LISTED): ``partition 2: ... --partition 2``."""
+    return tuple(Fix(f"partition {p.number}", (("partition", str(p.number)),)) for p in partitions[:MAX_LISTED])
 
 
 def _automatic(disk: _Disk, table: _Table | None, whole: bool) -> Volume:
@@ -375,7 +380,8 @@ def _automatic(disk: _Disk, table: _Table | None, whole: bool) -> Volume:
         raise PartitionError(
             name,
             f"{len(candidates)} partitions hold an ext2/ext3/ext4 filesystem: {listing}",
-            hint="choose one with --partition N",
+            hint="choose one",
+            fixes=_choices(candidates),
         )
     if whole:
         return Volume(0, disk.size, None, "whole disk")
