@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import test_oracle_model as spec
-from conftest import run_cli
+from conftest import require_tool, run_cli
 
 import ubdcow
 from ubdcow.cli import build_parser
@@ -136,7 +136,26 @@ def json_invocations(tmp_path):
         "du": ["du", tmp_path],
         "compact": ["compact", cow],
         "demo": ["demo"],
+        "ls": ["ls", fs_image(tmp_path), "/etc", "-l"],
+        "cat": ["cat", tmp_path / "fs.img", "/etc/hostname", "/etc/big"],
+        "get": ["get", tmp_path / "fs.img", "/etc", "-o", tmp_path / "got"],
     }
+
+
+def fs_image(tmp_path: Path) -> Path:
+    """``fs.img``: an ext4 made by ``mkfs.ext4 -d`` from the folder ``tree`` (the oracle of ls, cat, get; whole
+    seconds, which is what mkfs keeps of a time)."""
+    etc = tmp_path / "tree" / "etc"
+    etc.mkdir(parents=True)
+    (etc / "hostname").write_text("pc1\n")
+    (etc / "big").write_bytes(os.urandom(3 << 20))
+    (etc / "hostname").chmod(0o640)
+    os.symlink("hostname", etc / "name")
+    for path in (etc / "hostname", etc / "big", etc):
+        os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    subprocess.run([require_tool("mkfs.ext4", "e2fsprogs"), "-q", "-d", tmp_path / "tree", tmp_path / "fs.img",
+                    "16M"], check=True, capture_output=True)  # fmt: skip
+    return tmp_path / "fs.img"
 
 
 def json_ready(calls):
@@ -181,7 +200,8 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
         proc = run_cli(*args[:1], "--json", *args[1:])
         assert proc.returncode == 0, (name, proc.stderr)
         ran.add(name)
-        doc = json.loads(proc.stdout)  # serve too: its --json line stays on stdout with --run
+        doc = json.loads(proc.stderr if name == "cat" else proc.stdout)  # serve too: its --json line stays on
+        # stdout with --run; cat's goes to stderr (stdout carries the bytes)
         if name in ("info", "map", "check", "compact"):  # several COW files: {"disks": [...], "exit_code"}
             assert doc["exit_code"] == 0 and len(doc["disks"]) == 1
             doc = doc["disks"][0]
@@ -268,6 +288,26 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
                     "allocated_after": cow.stat().st_blocks * 512, "mixed_pages": 0}
     assert data["reclaimed_bytes"] == data["allocated_before"] - data["allocated_after"]
     assert spec.disk(cow, spare) == content
+
+    tree = tmp_path / "tree" / "etc"
+    data = run("ls")
+    assert data["disk"] == str(tmp_path / "fs.img") and data["errors"] == [] and data["exit_code"] == 0
+    assert [e["path"] for e in data["entries"]] == ["/etc/big", "/etc/hostname", "/etc/name"]
+    for e in data["entries"]:
+        st = os.lstat(tree / e["path"].split("/")[-1])
+        assert e == {**e, "mode": st.st_mode & 0o7777, "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size,
+                     "nlink": st.st_nlink, "mtime_ns": 1_700_000_000 * 10**9} or e["type"] == "symlink", e
+    assert data["entries"][2] == {**data["entries"][2], "type": "symlink", "target": "hostname", "size": 8}
+    data = run("cat")
+    assert data == {"disk": str(tmp_path / "fs.img"), "paths": ["/etc/hostname", "/etc/big"],
+                    "bytes": 4 + (3 << 20), "errors": [], "exit_code": 0}
+    data = run("get")
+    got = tmp_path / "got"
+    assert (got / "hostname").read_bytes() == b"pc1\n" and (got / "big").read_bytes() == (tree / "big").read_bytes()
+    assert os.readlink(got / "name") == "hostname" and os.stat(got / "hostname").st_mode & 0o7777 == 0o640
+    assert data == {**data, "disk": str(tmp_path / "fs.img"), "output": str(got), "paths": ["/etc"], "files": 2,
+                    "dirs": 1, "symlinks": 1, "hard_links": 0, "special": 0, "bytes": 4 + (3 << 20), "errors": 0,
+                    "exit_code": 0}
 
     data = run("demo")
     assert data["ok"] is True and data["checks"] and all(c["ok"] for c in data["checks"])

@@ -205,7 +205,7 @@ def test_mbr_two_linux_partitions_are_listed_and_partition_2_picks_the_second(tm
     with pytest.raises(PartitionError) as info:
         find(disk, partition=3)
     one_line(info.value, disk, "partition 3 is not in the table", "MBR: 1, 2")
-    assert info.value.hint == "partition 1 with --partition 1; partition 2 with --partition 2"
+    assert info.value.hint is None  # the message lists the partitions there are
 
 
 def test_a_mislabelled_partition_that_holds_ext4_is_a_candidate(tmp_path):

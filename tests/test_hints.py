@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, unpack_case
+from conftest import require_tool, run_cli, unpack_case
 from nbdlab import require_nbd
 
 import ubdcow
@@ -138,7 +138,37 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for n in (1, 2):  # two overlays on a touched file, for du's group hint
         ubdcow.create(f"lab{n}.cow", "touched2.img")
     os.utime("touched2.img", (2, 2))
+    filesystems(tmp_path)
     return tmp_path
+
+
+def filesystems(lab: Path) -> None:
+    """For the file-level commands: fs.img (/etc/hostname; etc-copy exists), two.img (two ext4 partitions),
+    journal.img (needs recovery, its journal's superblock zeroed), ext.img (needs recovery, journal on a device)."""
+    import functools
+    import subprocess
+
+    from test_fs_partitions import blank, mkfs_at, sfdisk
+
+    mkfs, debugfs = require_tool("mkfs.ext4", "e2fsprogs"), require_tool("debugfs", "e2fsprogs")
+    (lab / "tree" / "etc").mkdir(parents=True)
+    (lab / "tree" / "etc" / "hostname").write_text("pc1\n")
+    run = functools.partial(subprocess.run, check=True, capture_output=True)
+    run([mkfs, "-q", "-b", "4096", "-d", lab / "tree", lab / "fs.img", "8M"])
+    (lab / "etc-copy").write_text("already here\n")
+    run([mkfs, "-q", "-b", "4096", lab / "journal.img", "16M"])
+    run([debugfs, "-w", "-R", "feature needs_recovery", lab / "journal.img"])
+    first = int(subprocess.run([debugfs, "-R", "blocks <8>", lab / "journal.img"], check=True, capture_output=True,
+                               text=True).stdout.split()[0])  # fmt: skip
+    with open(lab / "journal.img", "r+b") as f:
+        f.seek(first * 4096)
+        f.write(bytes(1024))
+    run([mkfs, "-q", "-b", "4096", lab / "ext.img", "16M"])
+    for request in ("feature needs_recovery", "ssv journal_dev 0x801"):  # an external journal, on /dev/sda1
+        run([debugfs, "-w", "-R", request, lab / "ext.img"])
+    disk = blank(lab / "two.img", 48 << 20)
+    for p in sfdisk(disk, "label: dos\nsize=16MiB, type=83\nsize=16MiB, type=83\n"):
+        mkfs_at(disk, int(p["start"]) * 512, 16 << 20)  # type: ignore[call-overload]
 
 
 def scenarios(lab: Path) -> list[list[str]]:
@@ -171,6 +201,13 @@ def scenarios(lab: Path) -> list[list[str]]:
         ["du", ".", "--all"],
         ["serve", "lost.cow"],
         ["create", "new.cow", "old.img"],
+        ["ls", "two.img"],
+        ["ls", "fs.img", "/etc", "--partition", "1"],
+        ["ls", "journal.img", "-R"],
+        ["cat", "journal.img", "/etc/hostname"],
+        ["get", "fs.img", "/etc/hostname", "-o", "etc-copy"],
+        ["get", "ext.img", "/", "-o", "ext-copy"],
+        ["get", "two.img", "/", "/lost+found", "-o", "parts"],
     ]
     shutil.copy2(lab / "backing.img", lab / "old.img")
     os.utime(lab / "old.img", (-10, -10))  # before 1970: a COW header cannot record it

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli
+from conftest import require_tool, run_cli
 from nbdlab import require_nbd
 
 from ubdcow.cli.app import COMMANDS
@@ -47,6 +48,7 @@ class Scenario:
     ok_code: int = 0
     needs: tuple[str, ...] = ()
     fail_shape: str = "error"  # "error": {error, hint, exit_code}; "document": the success shape, exit 1
+    stream: str = "stdout"  # where the document goes ("stderr": cat, whose stdout carries the bytes)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,6 +71,11 @@ SCENARIOS: dict[str, Scenario] = {
     "du": Scenario(["du", "{d}"], ["du", "{d}", "{d}/missing"], fail_shape="document"),
     "compact": Scenario(["compact", "--dry-run", "{d}/overlay.cow"], ["compact", "{d}/missing.cow"], several=True),
     "demo": Scenario(["demo"], None),
+    "ls": Scenario(["ls", "{d}/fs.img", "/etc"], ["ls", "{d}/missing.cow"]),
+    "cat": Scenario(["cat", "{d}/fs.img", "/etc/hostname"], ["cat", "{d}/missing.cow", "/etc/hostname"],
+                    stream="stderr"),
+    "get": Scenario(["get", "{d}/fs.img", "/etc", "-o", "{d}/etc-copy"],
+                    ["get", "{d}/missing.cow", "/", "-o", "{d}/x"]),
 }
 
 
@@ -78,9 +85,14 @@ def test_every_command_has_scenarios_and_a_documented_schema() -> None:
     assert set(schema()) == names, "a command without its row in docs/cli.md's JSON output table"
 
 
-def _json(argv: list[str], folder: Path, code: int | None = None) -> tuple[dict[str, Any], str]:
+def _json(argv: list[str], folder: Path, code: int | None = None, stream: str = "stdout") -> tuple[dict[str, Any], str]:
     proc = run_cli(*[a.format(d=folder) for a in argv], "--json")
     text = proc.stdout.decode()
+    if stream == "stderr":  # the human lines, then the document
+        lines = proc.stderr.decode().splitlines(keepends=True)
+        start = next(i for i, line in enumerate(lines) if line.startswith("{"))
+        text, err = "".join(lines[start:]), "".join(lines[:start])
+        proc = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, err.encode())
     doc = json.loads(text)  # exactly one document: json.loads refuses anything after it
     assert isinstance(doc, dict), doc
     if not (argv[0] == "serve" and "uri" in doc):  # serve's ready line is printed before it knows its exit code
@@ -93,6 +105,10 @@ def _json(argv: list[str], folder: Path, code: int | None = None) -> tuple[dict[
 @pytest.fixture
 def lab(tmp_path: Path) -> Path:
     assert run_cli("demo", "--keep", tmp_path).returncode == 0
+    (tmp_path / "tree" / "etc").mkdir(parents=True)  # and a filesystem, for the file-level commands
+    (tmp_path / "tree" / "etc" / "hostname").write_text("pc1\n")
+    subprocess.run([require_tool("mkfs.ext4", "e2fsprogs"), "-q", "-d", tmp_path / "tree", tmp_path / "fs.img", "4M"],
+                   check=True, capture_output=True)  # fmt: skip
     return tmp_path
 
 
@@ -119,13 +135,13 @@ def test_json_documents_follow_the_schema(name: str, lab: Path) -> None:
             if key.endswith(("_bytes", "_size")) and value is not None:
                 assert isinstance(value, int) and not isinstance(value, bool), (key, value)
 
-    doc, _ = _json(scenario.ok, lab, scenario.ok_code)
+    doc, _ = _json(scenario.ok, lab, scenario.ok_code, scenario.stream)
     check_success(doc, 1)
     if scenario.several:
         doc, _ = _json(scenario.ok + [scenario.ok[-1]], lab, scenario.ok_code)
         check_success(doc, 2)
     if scenario.fail is not None:
-        doc, err = _json(scenario.fail, lab)
+        doc, err = _json(scenario.fail, lab, stream=scenario.stream)
         assert doc["exit_code"] != 0
         assert err.startswith("ubdcow: "), err  # stderr keeps the one-line human message
         if scenario.several:  # one failing file: the same shape as several

@@ -48,6 +48,7 @@ from .errors import (
     UnsupportedSectorSizeError,
     UnsupportedVersionError,
 )
+from .extract import ExtractResult, extract
 from .format import CowHeader, make_header, parse_header, read_header
 from .fs import FileStat, FileSystem, open_fs
 from .image import CowFile, CowImage, Extent, open
@@ -73,6 +74,8 @@ __all__ = [
     "open_fs",
     "FileSystem",
     "FileStat",
+    "extract",
+    "ExtractResult",
     "MergeResult",
     "CheckReport",
     "Finding",

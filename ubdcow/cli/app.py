@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from typing import NoReturn
 
 from .. import __version__, _signals
 from ..errors import UbdCowError
-from . import change, compact, compare, create, demo, du, inspect, merge, serve
+from . import cat, change, compact, compare, create, demo, du, get, inspect, ls, merge, serve
 from .base import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -40,6 +41,9 @@ COMMANDS: tuple[Command, ...] = (
     serve.SERVE,
     du.DU,
     compact.COMPACT,
+    ls.LS,
+    cat.CAT,
+    get.GET,
     demo.DEMO,
 )
 
@@ -104,6 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
+        if extra and not any(w.startswith("-") for w in extra) and args.command in argv:
+            # a PATH after an option (``ls DISK --partition 2 /etc``): argparse gives an optional list of
+            # positionals nothing once an option comes first, so parse the command's words intermixed
+            words = argv[argv.index(args.command) + 1 :]
+            with contextlib.suppress(TypeError):  # a parser that cannot be (none today)
+                vars(args).update(vars(parser.commands[args.command].parse_intermixed_args(words)))
+                extra = []
         if extra:  # an option no parser knew: the command's usage, not the top-level one
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except ArgumentError as exc:

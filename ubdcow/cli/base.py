@@ -147,8 +147,8 @@ class Command:
 
 
 # -- progress ------------------------------------------------------------------
-def progress_bar(out: Output, total: int, desc: str) -> Any:
-    """A tqdm bar on stderr when it is a terminal and not ``--quiet``; else None."""
+def progress_bar(out: Output, total: int | None, desc: str) -> Any:
+    """A tqdm bar on stderr when it is a terminal and not ``--quiet``; else None (``total`` None: no end known)."""
     if out.quiet or not out.stderr.isatty():
         return None
     from tqdm import tqdm
@@ -168,7 +168,7 @@ def progress_bar(out: Output, total: int, desc: str) -> Any:
 class Bar:
     """A progress bar (see :func:`progress_bar`) usable as a context manager; ``update`` may be None."""
 
-    def __init__(self, out: Output, total: int, desc: str) -> None:
+    def __init__(self, out: Output, total: int | None, desc: str) -> None:
         self.bar = progress_bar(out, total, desc)
         self.update: Callable[[int], Any] | None = self.bar.update if self.bar is not None else None
 

@@ -39,12 +39,18 @@ from ..errors import Fix, JournalError
 from . import layout as L
 from .crc import crc32_be, crc32c
 
-__all__ = ["NO_JOURNAL_FIX", "NO_JOURNAL_HINT", "JournalReplay", "replay"]
+__all__ = ["NO_JOURNAL_FIX", "NO_JOURNAL_HINT", "JournalReplay", "journal_error", "replay"]
 
 #: the fix every journal error offers (the command line's --no-journal, the API's journal=False)
 NO_JOURNAL_FIX = Fix("to read the disk as it is (without the changes still in the journal)", (("no_journal", None),))
 #: the library's text of that hint
 NO_JOURNAL_HINT = NO_JOURNAL_FIX.text()
+
+
+def journal_error(name: str, message: str) -> JournalError:
+    """A journal that cannot be replayed: every such error offers :data:`NO_JOURNAL_FIX`."""
+    return JournalError(name, message, fixes=(NO_JOURNAL_FIX,))
+
 
 _MASK32 = 0xFFFFFFFF
 
@@ -116,9 +122,7 @@ class JournalReplay:
 def _read(read_block: Callable[[int], bytes], n: int, block_size: int, name: str) -> bytes:
     data = read_block(n)
     if len(data) != block_size:
-        raise JournalError(
-            name, f"journal block {n}: read {len(data)} bytes, not {block_size}", fixes=(NO_JOURNAL_FIX,)
-        )
+        raise journal_error(name, f"journal block {n}: read {len(data)} bytes, not {block_size}")
     return bytes(data)
 
 
@@ -218,7 +222,7 @@ class _Journal:
     # -- helpers -------------------------------------------------------------------------------
 
     def fail(self, problem: str) -> NoReturn:
-        raise JournalError(self.name, f"journal: {problem}", fixes=(NO_JOURNAL_FIX,))
+        raise journal_error(self.name, f"journal: {problem}")
 
     def read(self, n: int, limit: int | None = None) -> bytes:
         if n >= (self.maxlen if limit is None else limit):
@@ -426,7 +430,7 @@ def replay(
         revoked, records = journal.revoked(scan)
         mapping, hits, escaped = journal.replay(scan, revoked, fs_blocks)
     except cs.ConstructError as exc:  # only a short block gets here: every field's value is accepted
-        raise JournalError(name, f"journal: unreadable structure ({exc})", fixes=(NO_JOURNAL_FIX,)) from None
+        raise journal_error(name, f"journal: unreadable structure ({exc})") from None
     return JournalReplay(
         read_block,
         block_size,

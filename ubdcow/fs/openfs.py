@@ -8,19 +8,16 @@ import os
 from collections.abc import Callable
 
 from ..disk import open_disk
-from ..errors import JournalError
 from . import layout as L
 from .blockmap import block_map
 from .filesystem import FileSystem
 from .inodes import InodeTable
-from .journal import NO_JOURNAL_FIX, replay
+from .journal import journal_error, replay
 from .partitions import find_volume
 from .superblock import Geometry, check_features, parse_superblock
 from .volume import Corrupt, Pread, PreadInto, Replay, Volume
 
 __all__ = ["open_fs", "open_volume"]
-
-_NO_JOURNAL = (NO_JOURNAL_FIX,)
 
 
 def open_fs(
@@ -104,8 +101,7 @@ def _find_volume(pread: Pread, disk_size: int, *, partition: int | None, name: s
 def _replay(volume: Volume, geo: Geometry, name: str) -> tuple[Replay, int]:
     """Replay the internal journal (journal.replay over the journal inode's blocks); refuse an external one."""
     if geo.has_incompat(L.INCOMPAT_JOURNAL_DEV) or geo.journal_inum == 0 or geo.journal_dev:
-        raise JournalError(name, "the filesystem needs recovery and its journal is on another device",
-                           fixes=_NO_JOURNAL)  # fmt: skip
+        raise journal_error(name, "the filesystem needs recovery and its journal is on another device")
     try:
         inode = InodeTable(volume).get(geo.journal_inum)
         bs = geo.block_size
@@ -116,21 +112,19 @@ def _replay(volume: Volume, geo: Geometry, name: str) -> tuple[Replay, int]:
         # not go through the replayed view (whose blocks the journal holds)
         runs = list(block_map(volume, inode).runs(0, nblocks))
     except Corrupt as exc:
-        raise JournalError(name, f"the journal inode {geo.journal_inum} is unreadable: {exc.problem}",
-                           fixes=_NO_JOURNAL) from None  # fmt: skip
+        raise journal_error(name, f"the journal inode {geo.journal_inum} is unreadable: {exc.problem}") from None
     starts = [logical for logical, _, _, _ in runs]
 
     def read_block(n: int) -> bytes:
         if not 0 <= n < nblocks:
-            raise JournalError(name, f"the journal names its block {n}, past its end ({nblocks} blocks)",
-                               fixes=_NO_JOURNAL)  # fmt: skip
+            raise journal_error(name, f"the journal names its block {n}, past its end ({nblocks} blocks)")
         i = bisect.bisect_right(starts, n) - 1
         if i < 0 or n >= runs[i][0] + runs[i][2] or runs[i][3]:
             return bytes(bs)  # a hole or an uninitialized extent in the journal reads as zeros
         try:
             return volume.read(bs, (runs[i][1] + n - runs[i][0]) * bs)
         except Corrupt as exc:
-            raise JournalError(name, f"journal block {n}: {exc.problem}", fixes=_NO_JOURNAL) from None
+            raise journal_error(name, f"journal block {n}: {exc.problem}") from None
 
     return _call_replay(read_block, nblocks, geo, name)
 

@@ -353,7 +353,6 @@ def _chosen(disk: _Disk, table: _Table | None, whole: bool, partition: int) -> V
         raise PartitionError(
             name,
             f"partition {partition} {what} ({table.kind}: {numbers or 'none'}){table.note()}",
-            fixes=_choices(data),
         )
     if not chosen.ext:
         if chosen.start >= disk.sectors:
