@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from .. import __version__, _signals
 from ..errors import UbdCowError
-from . import change, compact, compare, create, demo, du, inspect, merge, serve
+from . import change, changes, compact, compare, create, demo, du, inspect, merge, serve
 from .base import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -40,6 +40,7 @@ COMMANDS: tuple[Command, ...] = (
     serve.SERVE,
     du.DU,
     compact.COMPACT,
+    changes.CHANGES,
     demo.DEMO,
 )
 
