@@ -171,6 +171,8 @@ def scenarios(lab: Path) -> list[list[str]]:
         ["du", ".", "--all"],
         ["serve", "lost.cow"],
         ["create", "new.cow", "old.img"],
+        ["changes", "backing.img"],
+        ["changes", "backing.img", "--path", "/etc", "--all"],
     ]
     shutil.copy2(lab / "backing.img", lab / "old.img")
     os.utime(lab / "old.img", (-10, -10))  # before 1970: a COW header cannot record it

@@ -173,12 +173,7 @@ class ChangesSession:
                            preadinto=reader, closer=closer)  # fmt: skip
 
     def _open(self, path: str) -> _View:
-        fd, _ = open_file(path, os.O_RDONLY, what="image")
-        try:
-            head = os.pread(fd, 4, 0)
-        finally:
-            os.close(fd)
-        if has_cow_magic(head):
+        if _is_cow(path):
             img = CowImage(path, "r", backing=self.backing, lock=self.lock)
             try:
                 written = _written_bytes(img)
@@ -225,15 +220,15 @@ class ChangesSession:
         """The changes of ``disk`` against its backing file, or against ``other``; see :func:`changes`."""
         disk = os.fspath(disk)
         tops = _tops(paths)
+        if other is None and not _is_cow(disk):
+            raise NotACowFileError(
+                disk,
+                "a raw image has no backing file to compare with",
+                fixes=(Fix("name the disk to compare it with", (("against", "PATH"),)),),
+            )
         new = self._open(disk)
         try:
             if other is None:
-                if new.written is None:
-                    raise NotACowFileError(
-                        disk,
-                        "a raw image has no backing file to compare with",
-                        fixes=(Fix("name the disk to compare it with", (("against", "PATH"),)),),
-                    )
                 old = self._model(new.base, new.base_path).view
                 return self._compare(old, new, new.base_path, tops, all_fields, renames, details)
             old = self._open(os.fspath(other))
@@ -276,6 +271,15 @@ class ChangesSession:
         return merge_ranges(
             np.concatenate((view.written[0], replayed)), np.concatenate((view.written[1], replayed + 1))
         )
+
+
+def _is_cow(path: str) -> bool:
+    """Whether ``path`` is a COW file (by its magic); errors opening it name it."""
+    fd, _ = open_file(path, os.O_RDONLY, what="image")
+    try:
+        return has_cow_magic(os.pread(fd, 4, 0))
+    finally:
+        os.close(fd)
 
 
 def _empty() -> Ranges:
