@@ -30,8 +30,8 @@ from .fs.delta import Plan, Ranges, make_plan, merge_ranges, same_layout
 from .fs.index import ModelIndex
 from .fs.inodes import Inode
 from .fs.records import PathLike, to_bytes
-from .fs.treediff import Diff, compare_entries, diff_trees
-from .fs.volume import Corrupt
+from .fs.treediff import DIRS_KEPT, Diff, compare_entries, diff_trees
+from .fs.volume import LRU, Corrupt
 from .image import CowImage
 from .indexcache import model_index
 
@@ -129,6 +129,7 @@ class _Model:
         self.view, self.st, self.journal, self.cache = view, st, journal, cache
         self._index: ModelIndex | None = None
         self.problem: str | None = None
+        self.dirs = LRU(DIRS_KEPT)  # the model's directory entries, read once for all the session's overlays
 
     def index(self) -> ModelIndex:
         if self._index is None:
@@ -242,7 +243,9 @@ class ChangesSession:
     def _compare(self, old: _View, new: _View, against: str, tops: list[bytes], all_fields: bool, renames: bool,
                  details: bool) -> ChangesReport:  # fmt: skip
         plan, old_fs, new_fs, reason = self._plan(old, new)
-        diffs = diff_trees(old_fs, new_fs, plan, tops, all_fields=all_fields)
+        model = self._models.get(old.base) if reason is None else None
+        caches = [model.dirs if model is not None and fs is model.view.fs else None for fs in (old_fs, new_fs)]
+        diffs = diff_trees(old_fs, new_fs, plan, tops, all_fields=all_fields, caches=caches)
         same_fs = old_fs.uuid == new_fs.uuid
         entries = _records(diffs, old_fs, new_fs, plan, renames and same_fs, details, all_fields)
         return ChangesReport(new.path, against, entries, "full" if reason else "overlay", reason)
@@ -260,7 +263,7 @@ class ChangesSession:
             if view.written is not None and not same_layout(model.view.fs, view.fs):
                 return Plan(), old.fs, new.fs, f"{view.path}'s filesystem is laid out differently from its backing's"
         views = [(mfs, _empty()) if v.written is None else (v.fs, self._touched(v, mfs)) for v in (old, new)]
-        plan = make_plan(mfs, index, views)
+        plan = make_plan(mfs, index, views, model.dirs)
         return plan, views[0][0], views[1][0], None
 
     @staticmethod

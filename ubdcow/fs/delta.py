@@ -31,7 +31,7 @@ from .filesystem import FileSystem
 from .index import ModelIndex, expand_ranges
 from .inodes import Inode
 from .superblock import Geometry
-from .volume import Corrupt, Volume
+from .volume import LRU, Corrupt, Volume
 
 __all__ = ["Plan", "Ranges", "make_plan", "merge_ranges", "same_layout", "CHUNK_BLOCKS"]
 
@@ -130,8 +130,11 @@ def differing_blocks(view: Volume, model: Volume, ranges: Ranges) -> Ranges:
     bs = model.block_size
     found: list[np.ndarray] = []
     for first, count in _chunks(ranges):
-        a = np.frombuffer(view.blocks(first, count), np.uint8).reshape(count, bs)
-        b = np.frombuffer(model.blocks(first, count), np.uint8).reshape(count, bs)
+        x, y = view.blocks(first, count), model.blocks(first, count)
+        if x == y:  # (most chunks: one memcmp)
+            continue
+        a = np.frombuffer(x, np.uint8).reshape(count, bs)
+        b = np.frombuffer(y, np.uint8).reshape(count, bs)
         found.append(first + np.flatnonzero((a != b).any(axis=1)))
     blocks = np.concatenate(found) if found else np.zeros(0, np.int64)
     return merge_ranges(blocks, blocks + 1)
@@ -160,10 +163,12 @@ def _changed_slots(view: Volume, model: Volume, tables: np.ndarray, differing: R
     return out
 
 
-def make_plan(model: FileSystem, index: ModelIndex, views: Sequence[tuple[FileSystem, Ranges]]) -> Plan:
+def make_plan(model: FileSystem, index: ModelIndex, views: Sequence[tuple[FileSystem, Ranges]],
+              model_dirs: LRU | None = None) -> Plan:  # fmt: skip
     """The plan for comparing ``views[0]`` with ``views[1]`` (each with the blocks it may have changed; a view
-    that is the model itself names no blocks). A problem is raised as the one-line error of the filesystem
-    that has it."""
+    that is the model itself names no blocks). ``model_dirs``: the model's directory entries already read
+    (a session's earlier overlays), kept there too. A problem is raised as the one-line error of the
+    filesystem that has it."""
     with model.reading():
         tables = table_starts(model.volume)
     geo = model.volume.geo
@@ -180,36 +185,56 @@ def make_plan(model: FileSystem, index: ModelIndex, views: Sequence[tuple[FileSy
         changed |= index.owners(*differing)
     changed |= index.referrers(changed)
     plan = Plan(changed=changed, blocks=everything)
-    plan.entries = [_changed_entries(fs, changed) for fs, _ in views]
+    plan.entries = [_changed_entries(fs, changed, model_dirs if fs is model else None) for fs, _ in views]
     _mark(plan, index)
     return plan
 
 
-def _peek(fs: FileSystem, ino: int) -> Inode | None:
-    """Inode ``ino`` of a view if it is in use (a changed slot may be free, or garbage in a lazily
-    initialized table)."""
-    try:
-        return fs.inodes.get(ino)
-    except Corrupt:
-        return None
-
-
-def _changed_entries(fs: FileSystem, changed: set[int]) -> dict[int, dict[bytes, int]]:
-    """The entries of every changed inode that is a readable directory in ``fs`` (an unreadable one is left out
-    here: if the walk reaches it, reading it there reports the problem)."""
+def _changed_entries(fs: FileSystem, changed: set[int], cache: LRU | None) -> dict[int, dict[bytes, int]]:
+    """The entries of every changed inode that is a readable directory in ``fs`` (a free slot, garbage in a lazily
+    initialized table or an unreadable directory is left out here: if the walk reaches it, reading it there
+    reports the problem). ``cache``: the entries read before (and, under ``("-", ino)``, what is no directory)."""
     out: dict[int, dict[bytes, int]] = {}
     kept = 0
+    todo = []
     for ino in sorted(changed):
-        inode = _peek(fs, ino)
-        if inode is None or not inode.is_dir or kept > ENTRIES_KEPT:
+        if cache is not None:
+            if cache.get(("-", ino)):
+                continue
+            hit = cache.get(ino)
+            if hit is not None:
+                out[ino] = hit
+                kept += len(hit)
+                continue
+        todo.append(ino)
+    try:
+        inodes = fs.inodes.peek_many(todo)
+    except Corrupt:  # a table block that cannot be read (past the end of a view cut short): one by one
+        inodes = [_peek(fs, ino) for ino in todo]
+    for ino, inode in zip(todo, inodes, strict=True):
+        if inode is None or not inode.is_dir:
+            if cache is not None:
+                cache.put(("-", ino), True, 1)
+            continue
+        if kept > ENTRIES_KEPT:
             continue
         try:
             found = {name: child for chunk in fs.inode_entries(inode) for name, child, _ in chunk}
         except Corrupt:
             continue
+        if cache is not None:
+            cache.put(ino, found, len(found) + 1)
         out[ino] = found
         kept += len(found)
     return out
+
+
+def _peek(fs: FileSystem, ino: int) -> Inode | None:
+    """Inode ``ino`` of a view if it is in use and readable."""
+    try:
+        return fs.inodes.get(ino)
+    except Corrupt:
+        return None
 
 
 def _mark(plan: Plan, index: ModelIndex) -> None:
@@ -222,26 +247,27 @@ def _mark(plan: Plan, index: ModelIndex) -> None:
         for directory, names in entries.items():
             for child in names.values():
                 reverse[child].append(directory)
-    links: dict[int, list[tuple[int, bytes]]] = {}
+    links: dict[int, list[tuple[int, bytes]]] = {}  # ino -> its names in the model under unchanged directories
 
-    def model_links(ino: int) -> list[tuple[int, bytes]]:
-        if ino not in links:
-            links[ino] = [(p, name) for p, name in index.links(ino) if p not in changed]
-        return links[ino]
+    def fetch(inos: list[int]) -> None:
+        for ino, found in index.links_many([i for i in inos if i not in links]).items():
+            links[ino] = [(p, name) for p, name in found if p not in changed]
 
-    pending = list(changed)
+    pending = sorted(changed)
     seen = set(changed)
-    while pending:
-        ino = pending.pop()
-        parents = [p for p, _ in model_links(ino)] + reverse.get(ino, [])
-        for parent in parents:
-            if parent not in seen:
-                seen.add(parent)
-                plan.marked.add(parent)
-                pending.append(parent)
+    while pending:  # one level up at a time, the model's names of a whole level looked up at once
+        fetch(pending)
+        above = []
+        for ino in pending:
+            for parent in [p for p, _ in links[ino]] + reverse.get(ino, []):
+                if parent not in seen:
+                    seen.add(parent)
+                    plan.marked.add(parent)
+                    above.append(parent)
+        pending = above
     plan.marked.add(L.ROOT_INO)
     by_parent: defaultdict[int, list[tuple[bytes, int]]] = defaultdict(list)
     for ino in seen:
-        for parent, name in model_links(ino):
+        for parent, name in links[ino]:
             by_parent[parent].append((name, ino))
     plan.by_parent = dict(by_parent)

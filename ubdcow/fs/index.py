@@ -17,7 +17,7 @@ is a ``searchsorted``: the work is bounded by the question, not by the model.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,6 +103,21 @@ class ModelIndex:
         for i in range(lo, hi):
             off, n = int(self.name_off[i]), int(self.name_len[i])
             out.append((int(self.link_parent[i]), self.names[off : off + n].tobytes()))
+        return out
+
+    def links_many(self, inos: Sequence[int]) -> dict[int, list[tuple[int, bytes]]]:
+        """:meth:`links` of each of ``inos``, looked up at once."""
+        out: dict[int, list[tuple[int, bytes]]] = {ino: [] for ino in inos}
+        if not out:
+            return out
+        keys = np.asarray(inos, dtype=np.int64)
+        lo = np.searchsorted(self.link_child, keys, "left")
+        hi = np.searchsorted(self.link_child, keys, "right")
+        idx, which = expand_ranges(lo, hi)
+        names = self.names.data
+        for w, parent, off, n in zip(which.tolist(), self.link_parent[idx].tolist(), self.name_off[idx].tolist(),
+                                     self.name_len[idx].tolist(), strict=True):  # fmt: skip
+            out[inos[w]].append((parent, bytes(names[off : off + n])))
         return out
 
     def owners(self, starts: np.ndarray, ends: np.ndarray) -> set[int]:

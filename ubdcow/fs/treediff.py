@@ -40,6 +40,8 @@ __all__ = ["Diff", "diff_trees", "compare_entries", "CONTENT_FIELDS", "FIELDS"]
 CONTENT_FIELDS = ("type", "content", "target", "rdev")
 FIELDS = (*CONTENT_FIELDS, "mode", "uid", "gid", "mtime", "xattrs", "ctime", "atime", "nlink")
 _CHUNK = 1 << 20
+#: directory entries kept in a side's cache (a cost of one per entry, one per directory)
+DIRS_KEPT = 1 << 18
 _DEVICES = ("char", "block")
 T = TypeVar("T")
 
@@ -65,10 +67,10 @@ class _Side:
     """One tree: inodes by number, directory entries (those the plan read, then a bounded cache). Problems are
     raised as the filesystem's one-line errors, naming the path."""
 
-    def __init__(self, fs: FileSystem, known: dict[int, dict[bytes, int]]) -> None:
+    def __init__(self, fs: FileSystem, known: dict[int, dict[bytes, int]], cache: LRU | None = None) -> None:
         self.fs = fs
         self.known = known
-        self.cache = LRU(1 << 18)
+        self.cache = LRU(DIRS_KEPT) if cache is None else cache
         self.seen: set[int] = set()
 
     def get_many(self, inos: list[int], path: bytes) -> list[Inode]:
@@ -177,12 +179,13 @@ class _Walker:
 
 
 def diff_trees(old: FileSystem, new: FileSystem, plan: Plan, tops: Sequence[bytes] = (b"/",), *,
-               all_fields: bool = False) -> list[Diff]:  # fmt: skip
-    """Every path under ``tops`` that differs between ``old`` and ``new``, unsorted. A structure one side cannot
-    read raises that filesystem's one-line error, naming the path."""
+               all_fields: bool = False, caches: Sequence[LRU | None] = (None, None)) -> list[Diff]:  # fmt: skip
+    """Every path under ``tops`` that differs between ``old`` and ``new``, unsorted. ``caches``: each side's
+    directory entries read before (a model's, shared by a session's overlays), or None. A structure one side
+    cannot read raises that filesystem's one-line error, naming the path."""
     known_old = plan.entries[0] if plan.entries else {}
     known_new = plan.entries[1] if len(plan.entries) > 1 else {}
-    walker = _Walker(_Side(old, known_old), _Side(new, known_new), plan, all_fields)
+    walker = _Walker(_Side(old, known_old, caches[0]), _Side(new, known_new, caches[1]), plan, all_fields)
     for top in tops:
         walker.run(top, walker.old.resolve(top), walker.new.resolve(top))
     return walker.out
