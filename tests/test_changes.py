@@ -151,3 +151,28 @@ def test_two_overlays_on_one_model(tmp_path: Path, lab: Lab) -> None:
     C.assert_same_report(C.entries(doc), C.expected(lab.new, view2))
     doc, _ = C.changes_json(lab.cow, "--against", lab.cow, code=0)
     assert C.entries(doc) == []
+
+
+def test_two_overlays_that_made_the_same_new_file_differently(tmp_path: Path, lab: Lab) -> None:
+    """Both guests created the same paths from the same model, so the kernel gave the new files the same inode
+    numbers in both; their contents differ. Inodes outside the model's tree are compared too when neither side
+    is the model."""
+    views, cows = [], []
+    for name, word in (("a", "one"), ("b", "two")):
+        script = f"echo {word} > etc/brand-new && mkdir newdir && echo {word} > newdir/f && chmod 600 newdir/f"
+        changed = C.modify(lab.model, tmp_path / f"{name}.img", script)
+        cow = tmp_path / f"{name}.cow"
+        ubdcow.diff(lab.model, changed, cow)
+        views.append(C.kernel_tree(changed))
+        cows.append(cow)
+    a, b = views
+    assert a[b"/etc/brand-new"]["inode"] == b[b"/etc/brand-new"]["inode"]
+    assert a[b"/newdir/f"]["inode"] == b[b"/newdir/f"]["inode"]
+    doc, err = C.changes_json(cows[0], "--against", cows[1], code=1)
+    assert err == ""
+    oracle = C.expected(b, a)
+    assert {e["path"] for e in oracle} >= {"/etc/brand-new", "/newdir/f"}
+    C.assert_same_report(C.entries(doc), oracle)
+    for cow, view in zip(cows, views, strict=True):  # and each against the model: the new files are added
+        doc, _ = C.changes_json(cow, code=1)
+        C.assert_same_report(C.entries(doc), C.expected(lab.old, view))

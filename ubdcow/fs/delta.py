@@ -111,12 +111,26 @@ def table_starts(volume: Volume) -> np.ndarray:
 
 
 def _candidates(index: ModelIndex, tables: Ranges, blocks: Ranges) -> Ranges:
-    """The blocks of ``blocks`` that an inode owns in the model, or that hold inode tables (each sorted set
-    intersected on its own: the index's runs are never merged or copied)."""
+    """The blocks of ``blocks`` that an inode owns in the model, or that hold records of the model's tree (each
+    sorted set intersected on its own: the index's runs are never merged or copied)."""
     shared = index.shared_block.astype(np.int64)
     parts = [_intersect(blocks, (index.run_start, index.run_start + index.run_len)), _intersect(blocks, tables),
              _intersect(blocks, (shared, shared + 1))]  # fmt: skip
     return merge_ranges(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+def _tree_records(model: FileSystem, index: ModelIndex, tables: np.ndarray) -> Ranges:
+    """The inode-table blocks that hold the records of the model's tree. When one side is the model, only those
+    need comparing: an inode outside the tree (free in the model, or unreachable) can only enter the view's
+    tree through a directory entry, in a directory block that then differs, and the walk compares a changed
+    directory's entries by name; an unchanged name pairs a model's inode, which is in the tree. So an
+    overlay's zeroed or rewritten free slots (a guest's lazy inode-table initialization) cost nothing."""
+    geo = model.volume.geo
+    assert geo is not None
+    inos = index.tree_inodes() - 1
+    group, slot = np.divmod(inos, geo.inodes_per_group)
+    blocks = np.unique(tables[group] + slot // geo.inodes_per_block)
+    return merge_ranges(blocks, blocks + 1)
 
 
 def _chunks(ranges: Ranges) -> Iterator[tuple[int, int]]:
@@ -173,7 +187,10 @@ def make_plan(model: FileSystem, index: ModelIndex, views: Sequence[tuple[FileSy
         tables = table_starts(model.volume)
     geo = model.volume.geo
     assert geo is not None
-    table_ranges = merge_ranges(tables, tables + geo.itable_blocks)
+    if any(fs is model for fs, _ in views):  # (two overlays: an inode new in both may differ between them)
+        table_ranges = _tree_records(model, index, tables)
+    else:
+        table_ranges = merge_ranges(tables, tables + geo.itable_blocks)
     changed: set[int] = set()
     everything = merge_ranges(np.concatenate([r[0] for _, r in views]), np.concatenate([r[1] for _, r in views]))
     for fs, ranges in views:

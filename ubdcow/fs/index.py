@@ -105,6 +105,18 @@ class ModelIndex:
             out.append((int(self.link_parent[i]), self.names[off : off + n].tobytes()))
         return out
 
+    def tree_inodes(self) -> np.ndarray:
+        """Every inode of the model's tree (the root, every entry, the ea_inodes), sorted, once."""
+        found: np.ndarray | None = getattr(self, "_tree_inodes", None)
+        if found is None:
+            parts = (
+                np.asarray([L.ROOT_INO], np.int64),
+                self.link_child.astype(np.int64),
+                self.ea_inode.astype(np.int64),
+            )
+            found = self._tree_inodes = np.unique(np.concatenate(parts))
+        return found
+
     def links_many(self, inos: Sequence[int]) -> dict[int, list[tuple[int, bytes]]]:
         """:meth:`links` of each of ``inos``, looked up at once."""
         out: dict[int, list[tuple[int, bytes]]] = {ino: [] for ino in inos}
