@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import test_oracle_model as spec
-from conftest import run_cli
+from conftest import require_tool, run_cli
 
 import ubdcow
 from ubdcow.cli import build_parser
@@ -122,6 +122,7 @@ def json_invocations(tmp_path):
     cow, backing, merged = demo_files(tmp_path)
     spare = tmp_path / "spare.img"
     spare.write_bytes(backing.read_bytes())
+    fs_cow, _ = fs_overlay(tmp_path)
     return {
         "info": ["info", cow],
         "create": ["create", tmp_path / "new.cow", backing],
@@ -135,8 +136,22 @@ def json_invocations(tmp_path):
         "serve": ["serve", cow, "--run", "true"],  # needs nbdkit: see json_ready below
         "du": ["du", tmp_path],
         "compact": ["compact", cow],
+        "changes": ["changes", fs_cow],
         "demo": ["demo"],
     }
+
+
+def fs_overlay(tmp_path: Path) -> tuple[Path, Path]:
+    """An empty overlay on a small ext4 model (for ``changes``), beside ``tmp_path`` (``du`` counts what is in it)."""
+    folder = tmp_path.with_name(tmp_path.name + "-fs")
+    (folder / "tree" / "etc").mkdir(parents=True, exist_ok=True)
+    (folder / "tree" / "etc" / "hostname").write_text("pc1\n")
+    model, cow = folder / "model.img", folder / "pc1.cow"
+    if not cow.exists():
+        subprocess.run([require_tool("mkfs.ext4", "e2fsprogs"), "-q", "-F", "-d", str(folder / "tree"), str(model),
+                        "8M"], check=True, capture_output=True)  # fmt: skip
+        ubdcow.create(cow, model)
+    return cow, model
 
 
 def json_ready(calls):
@@ -182,7 +197,7 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
         assert proc.returncode == 0, (name, proc.stderr)
         ran.add(name)
         doc = json.loads(proc.stdout)  # serve too: its --json line stays on stdout with --run
-        if name in ("info", "map", "check", "compact"):  # several COW files: {"disks": [...], "exit_code"}
+        if name in ("info", "map", "check", "compact", "changes"):  # several COW files: {"disks": [...], "exit_code"}
             assert doc["exit_code"] == 0 and len(doc["disks"]) == 1
             doc = doc["disks"][0]
         return doc
@@ -268,6 +283,10 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
                     "allocated_after": cow.stat().st_blocks * 512, "mixed_pages": 0}
     assert data["reclaimed_bytes"] == data["allocated_before"] - data["allocated_after"]
     assert spec.disk(cow, spare) == content
+
+    data = run("changes")  # an overlay nothing was written to: no change, exit 0
+    fs_cow, model = fs_overlay(tmp_path)
+    assert data == {"disk": str(fs_cow), "against": str(model), "entries": [], "exit_code": 0}
 
     data = run("demo")
     assert data["ok"] is True and data["checks"] and all(c["ok"] for c in data["checks"])
