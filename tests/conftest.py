@@ -119,6 +119,18 @@ def _run_tmpdir(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
             pytest.fail(f"the tests left files in the temporary folder ({folder}): {', '.join(left)}", pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_index_cache(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """``changes`` keeps model indexes in $XDG_CACHE_HOME/ubdcow: the run's own folder, never the user's."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
 @pytest.fixture(params=[c["name"] for c in MANIFEST])
 def case(request: pytest.FixtureRequest, tmp_path: Path) -> Case:
     """Every conformance case, unpacked into a fresh folder."""

@@ -122,6 +122,7 @@ def json_invocations(tmp_path):
     cow, backing, merged = demo_files(tmp_path)
     spare = tmp_path / "spare.img"
     spare.write_bytes(backing.read_bytes())
+    fs_cow, _ = fs_overlay(tmp_path)
     return {
         "info": ["info", cow],
         "create": ["create", tmp_path / "new.cow", backing],
@@ -135,6 +136,7 @@ def json_invocations(tmp_path):
         "serve": ["serve", cow, "--run", "true"],  # needs nbdkit: see json_ready below
         "du": ["du", tmp_path],
         "compact": ["compact", cow],
+        "changes": ["changes", fs_cow],
         "demo": ["demo"],
         "ls": ["ls", fs_image(tmp_path), "/etc", "-l"],
         "cat": ["cat", tmp_path / "fs.img", "/etc/hostname", "/etc/big"],
@@ -156,6 +158,17 @@ def fs_image(tmp_path: Path) -> Path:
     subprocess.run([require_tool("mkfs.ext4", "e2fsprogs"), "-q", "-d", tmp_path / "tree", tmp_path / "fs.img",
                     "16M"], check=True, capture_output=True)  # fmt: skip
     return tmp_path / "fs.img"
+def fs_overlay(tmp_path: Path) -> tuple[Path, Path]:
+    """An empty overlay on a small ext4 model (for ``changes``), beside ``tmp_path`` (``du`` counts what is in it)."""
+    folder = tmp_path.with_name(tmp_path.name + "-fs")
+    (folder / "tree" / "etc").mkdir(parents=True, exist_ok=True)
+    (folder / "tree" / "etc" / "hostname").write_text("pc1\n")
+    model, cow = folder / "model.img", folder / "pc1.cow"
+    if not cow.exists():
+        subprocess.run([require_tool("mkfs.ext4", "e2fsprogs"), "-q", "-F", "-d", str(folder / "tree"), str(model),
+                        "8M"], check=True, capture_output=True)  # fmt: skip
+        ubdcow.create(cow, model)
+    return cow, model
 
 
 def json_ready(calls):
@@ -202,7 +215,7 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
         ran.add(name)
         doc = json.loads(proc.stderr if name == "cat" else proc.stdout)  # serve too: its --json line stays on
         # stdout with --run; cat's goes to stderr (stdout carries the bytes)
-        if name in ("info", "map", "check", "compact"):  # several COW files: {"disks": [...], "exit_code"}
+        if name in ("info", "map", "check", "compact", "changes"):  # several COW files: {"disks": [...], "exit_code"}
             assert doc["exit_code"] == 0 and len(doc["disks"]) == 1
             doc = doc["disks"][0]
         return doc
@@ -308,6 +321,9 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
     assert data == {**data, "disk": str(tmp_path / "fs.img"), "output": str(got), "paths": ["/etc"], "files": 2,
                     "dirs": 1, "symlinks": 1, "hard_links": 0, "special": 0, "bytes": 4 + (3 << 20), "errors": 0,
                     "exit_code": 0}
+    data = run("changes")  # an overlay nothing was written to: no change, exit 0
+    fs_cow, model = fs_overlay(tmp_path)
+    assert data == {"disk": str(fs_cow), "against": str(model), "entries": [], "exit_code": 0}
 
     data = run("demo")
     assert data["ok"] is True and data["checks"] and all(c["ok"] for c in data["checks"])

@@ -44,7 +44,8 @@ def test_api_examples_run(tmp_path, monkeypatch):
     assert "v3 8388608 12288" in printed
     assert "not a UML COW file" in printed
     for line in ("['etc', 'lost+found', 'name']", "symlink etc/hostname 0o777", "b'pc1\\n'", "b'c1'",
-                 "pc1.cow: /etc/passwd: no such file or directory"):  # the filesystem reader's example
+                 "pc1.cow: /etc/passwd: no such file or directory",  # the filesystem reader's example
+                 "modified file /etc/hostname ('content',)", "[1, 0]"):  # changes
         assert line in printed.splitlines(), line
 
 
@@ -104,7 +105,7 @@ def test_readme_says_how_to_run_the_installed_command_line():
     assert ".venv/bin/ubdcow" in readme and ". .venv/bin/activate" in readme
     block = readme[readme.index("## The command line in twelve lines"):readme.index("## The library")]
     commands = [line.strip() for line in block.splitlines() if line.startswith("    ")]
-    assert len(commands) == 16 and all(line.startswith("ubdcow ") for line in commands), commands
+    assert len(commands) == 17 and all(line.startswith("ubdcow ") for line in commands), commands
     assert "python -m ubdcow" not in block
     parser = build_parser()
     for line in commands:  # each parses with the real parser (the shell's quoting and pipes aside)

@@ -208,6 +208,8 @@ def scenarios(lab: Path) -> list[list[str]]:
         ["get", "fs.img", "/etc/hostname", "-o", "etc-copy"],
         ["get", "ext.img", "/", "-o", "ext-copy"],
         ["get", "two.img", "/", "/lost+found", "-o", "parts"],
+        ["changes", "backing.img"],
+        ["changes", "backing.img", "--path", "/etc", "--all"],
     ]
     shutil.copy2(lab / "backing.img", lab / "old.img")
     os.utime(lab / "old.img", (-10, -10))  # before 1970: a COW header cannot record it

@@ -15,6 +15,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _deps  # noqa: F401  (first: without construct, numpy or tqdm, one line, not a traceback)
+from .changes import Change, ChangesReport, ChangesSession, changes
 from .check import CheckReport, Finding, check
 from .compact import CompactResult, compact
 from .compare import CompareResult, compare
@@ -71,6 +72,7 @@ __all__ = [
     "convert",
     "du",
     "compact",
+    "changes",
     "open_fs",
     "FileSystem",
     "FileStat",
@@ -85,6 +87,9 @@ __all__ = [
     "ConvertResult",
     "DuReport",
     "CompactResult",
+    "Change",
+    "ChangesReport",
+    "ChangesSession",
     "CowFile",
     "CowImage",
     "CowHeader",

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from .. import __version__, _signals
 from ..errors import UbdCowError
-from . import cat, change, compact, compare, create, demo, du, get, inspect, ls, merge, serve
+from . import cat, change, changes, compact, compare, create, demo, du, get, inspect, ls, merge, serve
 from .base import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -44,6 +44,7 @@ COMMANDS: tuple[Command, ...] = (
     ls.LS,
     cat.CAT,
     get.GET,
+    changes.CHANGES,
     demo.DEMO,
 )
 

@@ -250,7 +250,10 @@ def command_line(
             words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
         elif value != action.default:
             option = max(action.option_strings, key=len)
-            options += [option] if value is True else [option, str(value)]
+            if value is True:
+                options.append(option)
+            else:  # an option given several times (action="append") is given again once per value
+                options += [w for v in (value if isinstance(value, list) else [value]) for w in (option, str(v))]
     if any(w.startswith("-") for w in words):  # a file named like an option: after --
         return shlex.join(["ubdcow", name, *options, "--", *words])
     return shlex.join(["ubdcow", name, *words, *options])

@@ -25,7 +25,13 @@ _LIMIT = 1 << 32  # logical block numbers are 32-bit
 
 
 class BlockMap:
-    """The runs of one inode's content; see the module docstring."""
+    """The runs of one inode's content; see the module docstring.
+
+    ``nodes``, when set to a list, collects the blocks of the tree nodes (extent index and leaf blocks,
+    indirect blocks) that :meth:`runs` reads: with the runs, every block the content depends on.
+    """
+
+    nodes: list[int] | None = None
 
     def runs(self, first: int, count: int) -> Iterator[Run]:
         """The mapped runs that meet blocks ``first..first+count-1``, clipped to them, in logical order."""
@@ -98,6 +104,8 @@ class ExtentMap(BlockMap):
                 return
             child = child_hi << 32 | child_lo
             self.volume.check_data(child, 1, f"the extent index at logical block {start}")
+            if self.nodes is not None:
+                self.nodes.append(child)
             data = self.volume.block(child, "an extent tree node")
             yield from self._node(data, level - 1, max(start, lo), stop, first, end)
 
@@ -129,6 +137,8 @@ class IndirectMap(BlockMap):
         if block == 0:
             return  # a hole covering the whole subtree
         self.volume.check_data(block, 1, f"the indirect block for logical block {base}")
+        if self.nodes is not None:
+            self.nodes.append(block)
         pointers = self._unpack(self.volume.block(block, "an indirect block"))
         if level == 1:
             yield from self._pointers(pointers, base, first, end)

@@ -22,7 +22,7 @@ from .inodes import Inode
 from .volume import Corrupt, Volume
 from .xattrs import inline_data
 
-__all__ = ["Content", "FsFile", "symlink_target"]
+__all__ = ["Content", "FsFile", "symlink_target", "is_fast_symlink"]
 
 #: logical blocks mapped at once (the runs of one window are kept for the next read)
 WINDOW_BLOCKS = 8192
@@ -141,7 +141,7 @@ class Content:
         return max(start * bs, offset), min(end * bs, self.size)
 
 
-def _is_fast_symlink(inode: Inode, block_size: int) -> bool:
+def is_fast_symlink(inode: Inode, block_size: int) -> bool:
     """The kernel's rule: no blocks but an xattr block's, unless ea_inode-flagged (then the size decides)."""
     if inode.has(L.FL_EA_INODE):
         return 0 < inode.size < L.I_BLOCK_SIZE
@@ -153,7 +153,7 @@ def _is_fast_symlink(inode: Inode, block_size: int) -> bool:
 def symlink_target(volume: Volume, inode: Inode) -> bytes:
     """A symbolic link's target: in i_block (fast), inline, or in its first block (slow); up to a NUL."""
     bs = volume.block_size
-    if _is_fast_symlink(inode, bs):
+    if is_fast_symlink(inode, bs):
         if inode.size >= L.I_BLOCK_SIZE:
             raise Corrupt(f"a fast symbolic link claims {inode.size} bytes (at most 59 fit)")
         target = inode.i_block[: inode.size]

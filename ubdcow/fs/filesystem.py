@@ -430,16 +430,57 @@ class FileSystem:
         raw = to_bytes(path.path if isinstance(path, FileStat) else path)[0]
         with self._guard(raw):
             raw, _, inode = self._entry(path, follow_symlinks)
-            out: dict[str, bytes] = {}
-            for entry in entries(self._volume, inode):
-                name = full_name(entry)
-                if name is None:
-                    continue
-                value = entry.value if entry.value is not None else self._ea_inode(entry.inum, entry.size)
-                if entry.prefix in _ACLS:
-                    value = acl_to_xattr(value)
-                out.setdefault(name.decode("utf-8", "surrogateescape"), value)
-            return out
+            return self.inode_xattrs(inode)
+
+    # -- by inode (for tools that walk the inode tables themselves: ubdcow.changes) -------------------
+    # These raise the internal Corrupt (ubdcow.fs.volume), without the disk's name.
+
+    @property
+    def volume(self) -> Volume:
+        """The volume the filesystem reads (blocks, the journal's replayed blocks)."""
+        return self._volume
+
+    @property
+    def inodes(self) -> InodeTable:
+        """The inode tables."""
+        return self._inodes
+
+    def inode_xattrs(self, inode: Inode) -> dict[str, bytes]:
+        """What :meth:`xattrs` gives, for an inode."""
+        out: dict[str, bytes] = {}
+        for entry in entries(self._volume, inode):
+            name = full_name(entry)
+            if name is None:
+                continue
+            value = entry.value if entry.value is not None else self._ea_inode(entry.inum, entry.size)
+            if entry.prefix in _ACLS:
+                value = acl_to_xattr(value)
+            out.setdefault(name.decode("utf-8", "surrogateescape"), value)
+        return out
+
+    def inode_target(self, inode: Inode) -> bytes:
+        """A symbolic link's target, for an inode."""
+        return self._target(inode)
+
+    def inode_entries(self, inode: Inode) -> Iterator[list[tuple[bytes, int, int]]]:
+        """A directory's entries ``(name, inode, file type)``, a block or a chunk of blocks at a time."""
+        return iter_entries(self._volume, self._plain(inode))
+
+    def inode_content(self, inode: Inode) -> Content:
+        """A regular file's content (or a slow symlink's), for an inode."""
+        return Content(self._volume, self._plain(inode))
+
+    def error(self, exc: Corrupt, path: bytes | None = None) -> FilesystemError:
+        """The one-line error for an internal :class:`Corrupt` about ``path``."""
+        return self._error(path, exc)
+
+    @contextmanager
+    def reading(self, path: bytes | None = None) -> Iterator[None]:
+        """Inside it, an internal :class:`Corrupt` becomes this filesystem's one-line error about ``path``."""
+        try:
+            yield
+        except Corrupt as exc:
+            raise self._error(path, exc) from None
 
     def _ea_inode(self, ino: int, size: int) -> bytes:
         inode = self._inodes.get(ino)

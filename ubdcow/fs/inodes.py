@@ -169,6 +169,27 @@ class InodeTable:
             out.append(self._inode(window, i, ino, size))
         return out
 
+    def peek_many(self, inos: Sequence[int]) -> list[Inode | None]:
+        """As :meth:`get_many`, with None for an inode that is out of range, free or unusable (no error)."""
+        geo = self.geo
+        ipg, count, size, w = geo.inodes_per_group, geo.inodes_count, geo.inode_size, self._window
+        out: list[Inode | None] = []
+        window: _Window | None = None
+        for ino in inos:
+            if not 0 < ino <= count:
+                out.append(None)
+                continue
+            i = ino - (window.first if window is not None else 0)
+            if window is None or not 0 <= i < window.count:
+                group, index = divmod(ino - 1, ipg)
+                window = self._get_window(group, index - index % w)
+                i = ino - window.first
+            try:
+                out.append(self._inode(window, i, ino, size))
+            except Corrupt:
+                out.append(None)
+        return out
+
     def _inode(self, w: _Window, i: int, ino: int, size: int) -> Inode:
         mode = w.mode[i]
         kind = mode & L.S_IFMT

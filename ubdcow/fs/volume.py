@@ -149,6 +149,11 @@ class Volume:
         assert self.geo is not None
         return self.geo.block_size
 
+    @property
+    def replayed_blocks(self) -> np.ndarray:
+        """The filesystem blocks the journal's replay replaces (sorted int64; empty without a replay)."""
+        return self._replayed
+
     def check_block(self, block: int, what: str) -> None:
         """A block number the filesystem may point at: after the superblock, before the end."""
         geo = self.geo
