@@ -82,20 +82,11 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 def filesystem_overlay(folder: Path) -> None:
-    """For the file-level commands: overlay.cow becomes an overlay on an ext4 model (mkfs.ext4 -d)."""
-    import subprocess
-
-    from conftest import require_tool
-
+    """For ``changes``: overlay.cow becomes an overlay on the lab's ext4 model ``fs.img`` (mkfs.ext4 -d)."""
     import ubdcow
 
-    tree = folder / "tree"
-    (tree / "etc").mkdir(parents=True)
-    (tree / "etc" / "hostname").write_text("pc1\n")
-    mkfs = require_tool("mkfs.ext4", "e2fsprogs")
-    subprocess.run([mkfs, "-q", "-d", str(tree), str(folder / "model.img"), "8M"], check=True, capture_output=True)
     (folder / "overlay.cow").unlink()
-    ubdcow.create(folder / "overlay.cow", folder / "model.img")
+    ubdcow.create(folder / "overlay.cow", folder / "fs.img")
 
 
 def test_every_command_has_scenarios_and_a_documented_schema() -> None:
