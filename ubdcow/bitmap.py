@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ._io import pread_into, pwrite_all
+from .format import PAGE_SECTORS, PAGE_SIZE
 
 __all__ = ["Bitmap", "iter_runs", "popcount", "window_stats", "PAGE_SECTORS", "PAGE_SIZE"]
 
@@ -22,11 +23,6 @@ CHUNK = 1 << 16
 CACHE_CHUNKS = 64
 # Below this many bits, runs are found with Python integers (cheaper than numpy).
 _SMALL = 4096
-
-#: Sectors in a 4 KiB page of the virtual disk: one bitmap byte. The Linux ubd driver misreads a page
-#: whose bits are mixed (some set, some clear) in multi-page requests, so writers keep pages whole.
-PAGE_SECTORS = 8
-PAGE_SIZE = 4096
 
 Run = tuple[int, int, bool]
 

@@ -19,9 +19,9 @@ from typing import Any, Literal
 from . import lock as _lock
 from ._io import Segments, mtime_seconds, pread_into
 from .backing import mismatch_message, open_backing
-from .bitmap import PAGE_SIZE, Bitmap, iter_runs
+from .bitmap import Bitmap, iter_runs
 from .errors import BackingFileError, CorruptHeaderError, ImageIOError, UnsupportedVersionError
-from .format import HOST_ORDER, SECTOR_SIZE, CowHeader
+from .format import HOST_ORDER, PAGE_SIZE, SECTOR_SIZE, CowHeader
 from .image import CowFile, CowImage
 
 __all__ = ["Finding", "CheckReport", "check", "EXIT_CLEAN", "EXIT_FAILED", "EXIT_CORRUPT", "EXIT_BACKING"]

@@ -34,9 +34,9 @@ from ._cowfile import CowFile
 from ._io import Segments, pread_into, punch_hole, read_at
 from ._result import Result
 from .backing import check_backing_file, open_backing
-from .bitmap import PAGE_SECTORS, PAGE_SIZE, popcount
+from .bitmap import popcount
 from .errors import ImageIOError, UnrecordableWriteError
-from .format import SECTOR_SIZE
+from .format import PAGE_SECTORS, PAGE_SIZE, SECTOR_SIZE
 
 __all__ = ["CompactResult", "compact"]
 

@@ -24,9 +24,8 @@ from ._io import Segments, copy_range, mtime_seconds, pwrite_all, read_at
 from ._pagewrite import write_clear_sectors
 from ._result import Result
 from .backing import backing_stats, mismatch_message, open_backing
-from .bitmap import PAGE_SECTORS, PAGE_SIZE
 from .errors import BackingFileError, ImageIOError, UnrecordableWriteError
-from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, Layout
+from .format import HOST_ORDER, PAGE_SECTORS, PAGE_SIZE, SECTOR_SIZE, CowHeader, Layout
 from .image import CowFile
 
 __all__ = ["ConvertResult", "convert"]
