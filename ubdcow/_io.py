@@ -11,7 +11,7 @@ import stat
 import struct
 from collections.abc import Iterator
 
-from .errors import ImageIOError, UbdCowError
+from .errors import ImageIOError, UbdCowError, io_error
 
 __all__ = [
     "open_file",
@@ -108,7 +108,7 @@ def read_at(fd: int, buf: memoryview, offset: int, name: str | os.PathLike[str])
     try:
         return pread_into(fd, buf, offset)
     except OSError as exc:
-        raise ImageIOError(name, f"read error at offset {offset}: {exc.strerror}", errno=exc.errno) from None
+        raise io_error(name, exc, f"read error at offset {offset}") from None
 
 
 def pwrite_all(fd: int, buffers: list[memoryview | bytes], offset: int) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ._cowfile import _SHIFT
 from ._io import punch_hole, pwrite_all
 from .bitmap import PAGE_SECTORS, PAGE_SIZE, Bitmap
-from .errors import ImageIOError, ImageRangeError, UnrecordableWriteError
+from .errors import ImageRangeError, UnrecordableWriteError, io_error
 from .format import SECTOR_SIZE, CowHeader
 
 _PAGE_SHIFT = 12  # log2(PAGE_SIZE)
@@ -145,7 +145,7 @@ class _PageWriter:
         try:
             write_clear_sectors(self._fd, buf, self._bitmap.bits(lo, hi).tolist(), self._data_offset + start)
         except OSError as exc:
-            raise ImageIOError(self.name, f"write error at offset {start}: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(self.name, exc, f"write error at offset {start}") from None
         self._dirty = True
         return lo, hi
 
@@ -158,7 +158,7 @@ class _PageWriter:
             for lo, hi in spans:
                 self._bitmap.set_range(lo, hi)
         except OSError as exc:
-            raise ImageIOError(self.name, f"cannot make pages whole: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(self.name, exc, "cannot make pages whole") from None
         spans.clear()
 
     def _check_writable(self) -> None:
@@ -209,7 +209,7 @@ class _PageWriter:
             self._dirty = True
             self._bitmap.set_range(first, last)
         except OSError as exc:
-            raise ImageIOError(self.name, f"write error at offset {offset}: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(self.name, exc, f"write error at offset {offset}") from None
 
     def _current(self, offset: int, length: int) -> memoryview:
         """Current content of less than a page of the disk (caller holds the mutex)."""
@@ -233,6 +233,4 @@ class _PageWriter:
             self._dirty = True
             self._bitmap.set_range(first, last)
         except OSError as exc:
-            raise ImageIOError(
-                self.name, f"cannot zero sectors {first}-{last - 1}: {exc.strerror}", errno=exc.errno
-            ) from None
+            raise io_error(self.name, exc, f"cannot zero sectors {first}-{last - 1}") from None

@@ -171,7 +171,7 @@ class _Backings:
         return self._stats[path]
 
     def find(self, header: CowHeader, cow_path: str) -> tuple[str, os.stat_result] | None:
-        """The first existing file the recorded path resolves to (as ``open_backing`` looks for it)."""
+        """The first existing file the recorded path resolves to (as ``attach_backing`` looks for it)."""
         if not header.backing_file:
             return None
         for candidate in backing_candidates(header, cow_path):

@@ -19,12 +19,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import lock as _lock
 from ._cowfile import _SHIFT, CowFile, Extent, split_data
 from ._io import pread_into
 from ._pagewrite import _PageWriter
-from .backing import check_backing_file, open_backing
-from .errors import ImageIOError
+from .backing import attach_backing
+from .errors import ImageIOError, io_error
 from .format import SECTOR_SIZE, CowHeader
 
 __all__ = ["CowFile", "CowImage", "Extent", "open"]
@@ -155,11 +154,8 @@ class CowImage(_PageWriter, io.RawIOBase):
         self._bitmap = cow.bitmap
         # pages whose 8 bits are all honoured: reads inside them may look at whole bitmap bytes
         self._whole_pages = cow.bitmap.nbits >> 3
-        self._bfd, self.backing_name, bst, self._backing_size = open_backing(header, self.name, cow.stat, backing)
-        if check_backing:
-            check_backing_file(header, self.name, self.backing_name, bst, self._backing_size)
-        if lock and writable:
-            _lock.lock(self._bfd, self.backing_name, exclusive=False, what="backing file")
+        found = attach_backing(header, self.name, cow.stat, backing, check=check_backing, lock=lock and writable)
+        self._bfd, self.backing_name, self._backing_size = found.fd, found.path, found.size
         self._map_cow(cow.length if lock else 0)
 
     def _map_cow(self, length: int) -> None:
@@ -242,7 +238,7 @@ class CowImage(_PageWriter, io.RawIOBase):
                 try:
                     os.fsync(self._fd)
                 except OSError as exc:
-                    raise ImageIOError(self.name, f"cannot flush: {exc.strerror}", errno=exc.errno) from None
+                    raise io_error(self.name, exc, "cannot flush") from None
                 self._dirty = False
 
     def close(self) -> None:
@@ -551,9 +547,7 @@ class CowImage(_PageWriter, io.RawIOBase):
         try:
             got = pread_into(self._fd, chunk, self._data_offset + pos)
         except OSError as exc:
-            raise ImageIOError(
-                self.name, f"read error at data offset {self._data_offset + pos}: {exc.strerror}", errno=exc.errno
-            ) from None
+            raise io_error(self.name, exc, f"read error at data offset {self._data_offset + pos}") from None
         if got < len(chunk):  # a set bit past the end of the file reads as zeros, as in the kernel
             chunk[got:] = bytes(len(chunk) - got)
 
@@ -561,9 +555,7 @@ class CowImage(_PageWriter, io.RawIOBase):
         try:
             got = pread_into(self._bfd, chunk, pos)
         except OSError as exc:
-            raise ImageIOError(
-                self.backing_name, f"read error at offset {pos}: {exc.strerror}", errno=exc.errno
-            ) from None
+            raise io_error(self.backing_name, exc, f"read error at offset {pos}") from None
         if got < len(chunk):
             if pos + got < self._backing_size:
                 now = os.fstat(self._bfd).st_size

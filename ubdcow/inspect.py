@@ -8,8 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import lock as _lock
-from ._io import mtime_seconds
-from .backing import backing_candidates, mismatch_hint, mismatch_message, open_backing
+from .backing import attach_backing, backing_candidates, mismatch_hint
 from .errors import BackingFileError
 from .format import CowHeader
 from .image import CowFile
@@ -58,31 +57,28 @@ def backing_status(
         "hint": None,
     }
     try:
-        fd, path, st, size = open_backing(header, cow_path, cow_stat, backing)
+        found = attach_backing(header, cow_path, cow_stat, backing, check=False)
     except BackingFileError as exc:
         status["problem"] = exc.message if exc.filename == cow_path else str(exc)
         # as a command line of info, which has --backing
         fixes = [f.command(f"ubdcow info {shlex.quote(cow_path)}") for f in exc.fixes]
         status["hint"] = "; ".join([*([exc.lead] if exc.lead else []), *fixes]) or None
         return status
-    try:
-        resolved = _opened_path(fd, path)
-    finally:
-        os.close(fd)
-    mtime = mtime_seconds(st)
+    with found:
+        resolved = _opened_path(found.fd, found.path)
     status.update(
-        path=path,
+        path=found.path,
         resolved=resolved,
         exists=True,
-        size=size,
-        mtime=mtime,
-        size_matches=size == header.size,
-        mtime_matches=mtime == header.mtime,
+        size=found.size,
+        mtime=found.mtime,
+        size_matches=found.size == header.size,
+        mtime_matches=found.mtime == header.mtime,
     )
-    message = mismatch_message(header, size, mtime)
+    message = found.mismatch(header)
     if message is not None:
         status["problem"] = f"{message}: UML will refuse to open this COW file"
-        status["hint"] = mismatch_hint(cow_path, path, header, size, mtime)
+        status["hint"] = mismatch_hint(cow_path, found.path, header, found.size, found.mtime)
     return status
 
 

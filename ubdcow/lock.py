@@ -13,7 +13,7 @@ import fcntl
 import os
 import struct
 
-from .errors import Fix, ImageIOError, ImageLockedError
+from .errors import Fix, ImageLockedError, io_error
 
 __all__ = ["lock", "holder", "held", "describe_holder"]
 
@@ -136,7 +136,7 @@ def lock(fd: int, filename: str | os.PathLike[str], *, exclusive: bool, what: st
         return
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EAGAIN):
-            raise ImageIOError(filename, f"cannot lock {what}: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(filename, exc, f"cannot lock {what}") from None
     _, pid = holder(fd, exclusive)
     mode = "writing" if exclusive else "reading"
     raise ImageLockedError(

@@ -31,7 +31,7 @@ from ._atomic import AtomicFile, check_output_path
 from ._io import Segments, clone_block, clone_range, punch_hole, pwrite_all, read_at, start_writeback
 from ._result import Result
 from ._signals import deferred, register, release
-from .errors import ImageIOError
+from .errors import ImageIOError, io_error
 from .image import CowImage
 
 __all__ = ["MergeResult", "merge", "stream", "default_output"]
@@ -538,7 +538,7 @@ def merge(
                 else:
                     allocated = img.size if not sparse else min(img.size, copier.written)
             except OSError as exc:
-                raise ImageIOError(output, f"cannot write the merged image: {exc.strerror}", errno=exc.errno) from None
+                raise io_error(output, exc, "cannot write the merged image") from None
             finally:
                 copier.close()
             _backing_unchanged(img, backing_stat)
@@ -595,4 +595,4 @@ def write_all(fd: int, data: memoryview) -> None:
     except BrokenPipeError:
         raise
     except OSError as exc:
-        raise ImageIOError("<output stream>", f"write error: {exc.strerror}", errno=exc.errno) from None
+        raise io_error("<output stream>", exc, "write error") from None
