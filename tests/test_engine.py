@@ -545,11 +545,11 @@ def test_source_runs_match_mapping_and_the_backings_holes(tmp_path, monkeypatch,
     """source_runs (FIEMAP confirms data, SEEK_DATA answers the rest) says what mapping and SEEK_DATA say:
     zeros for set bits over holes in the data area or past its end, and for clear bits over holes in the
     backing file or past its end."""
-    from ubdcow import _cowfile
+    from ubdcow import _io
     from ubdcow._io import Segments
 
     if not fiemap:  # the filesystem cannot tell: everything from SEEK_DATA/SEEK_HOLE
-        monkeypatch.setattr(_cowfile, "written_extents", lambda fd, start, end: None)
+        monkeypatch.setattr(_io, "written_extents", lambda fd, start, end: None)
     size = (6 << 20) + 3000
     cow, backing, _ = make_disk(tmp_path, size, seed=5)
     rng = random.Random(9)

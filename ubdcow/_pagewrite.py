@@ -15,10 +15,10 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._cowfile import _SHIFT
 from ._io import punch_hole, pwrite_all
 from .bitmap import PAGE_SECTORS, PAGE_SIZE, Bitmap
 from .errors import ImageRangeError, UnrecordableWriteError, io_error
+from .format import SECTOR_SHIFT as _SHIFT
 from .format import SECTOR_SIZE, CowHeader
 
 _PAGE_SHIFT = 12  # log2(PAGE_SIZE)

@@ -20,9 +20,10 @@ from . import lock as _lock
 from ._io import Segments, pread_into
 from .backing import attach_backing
 from .bitmap import Bitmap, iter_runs
+from .cowfile import CowFile
 from .errors import BackingFileError, CorruptHeaderError, UnsupportedVersionError, io_error
 from .format import HOST_ORDER, PAGE_SIZE, SECTOR_SIZE, CowHeader
-from .image import CowFile, CowImage
+from .image import CowImage
 
 __all__ = ["Finding", "CheckReport", "check", "EXIT_CLEAN", "EXIT_FAILED", "EXIT_CORRUPT", "EXIT_BACKING"]
 

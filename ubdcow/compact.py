@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from ._cowfile import CowFile
 from ._io import Segments, pread_into, punch_hole, read_at
 from ._result import Result
 from .backing import attach_backing
 from .bitmap import popcount
+from .cowfile import CowFile
 from .errors import ImageIOError, UnrecordableWriteError, io_error
 from .format import PAGE_SECTORS, PAGE_SIZE, SECTOR_SIZE
 

@@ -24,9 +24,9 @@ from ._io import Segments, copy_range, pwrite_all, read_at
 from ._pagewrite import write_clear_sectors
 from ._result import Result
 from .backing import attach_backing, backing_stats
+from .cowfile import CowFile
 from .errors import BackingFileError, ImageIOError, UnrecordableWriteError, io_error
 from .format import HOST_ORDER, PAGE_SECTORS, PAGE_SIZE, SECTOR_SIZE, CowHeader, Layout
-from .image import CowFile
 
 __all__ = ["ConvertResult", "convert"]
 

@@ -19,14 +19,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ._cowfile import _SHIFT, CowFile, Extent, split_data
 from ._io import pread_into
 from ._pagewrite import _PageWriter
 from .backing import attach_backing
+from .cowfile import CowFile, Extent, Run
 from .errors import ImageIOError, io_error
+from .format import SECTOR_SHIFT as _SHIFT
 from .format import SECTOR_SIZE, CowHeader
 
-__all__ = ["CowFile", "CowImage", "Extent", "open"]
+__all__ = ["CowFile", "CowImage", "Extent", "Run", "open"]
 
 # reads of whole sectors between these sizes may take the numpy overlay path (bitmaps with mixed pages)
 _OVERLAY_MIN = 64 << 10
@@ -42,8 +43,6 @@ _PAGE = 1 << _PAGE_SHIFT
 # whole), anything else a mixed page.
 _COW_PAGES = re.compile(rb"[^\x00]+")
 _span = re.Match.span
-_NO_RUNS = np.empty(0, dtype=np.int64)
-_SOURCE_RUNS_MAX = 4 << 30  # bytes of disk per source_runs call: 8 Mi sectors, 1 MiB of bitmap
 
 
 class SharedLock:
@@ -321,6 +320,13 @@ class CowImage(_PageWriter, io.RawIOBase):
         self._checkClosed()
         return self._cow.mapping(offset, length)
 
+    def runs(self, offset: int = 0, length: int | None = None, *, holes: bool = False) -> Iterator[Run]:
+        """The map of [offset, offset+length) as coalesced :class:`~ubdcow.cowfile.Run` records ``(start,
+        length, source, fd, offset)``: by the bits ("cow", "backing"), and with ``holes`` the holes of the data
+        area under set bits and of the backing file under clear bits as "zero" (past either file's end too)."""
+        self._checkClosed()
+        return self._cow.runs(offset, length, backing_fd=self._bfd, holes=holes)
+
     def source_runs(self, offset: int = 0, length: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What :meth:`mapping` says, with the backing file's holes too, as arrays for large ranges.
 
@@ -330,29 +336,13 @@ class CowImage(_PageWriter, io.RawIOBase):
         at most 4 GiB (one bitmap window); ask again from where it ends for the rest.
         """
         self._checkClosed()
-        end = self.size if length is None else min(self.size, offset + length)
-        end = min(end, offset + _SOURCE_RUNS_MAX)
-        if offset >= end:
-            return _NO_RUNS, _NO_RUNS, np.empty(0, dtype=np.int8)
-        lo, hi = offset >> _SHIFT, (end + SECTOR_SIZE - 1) >> _SHIFT
         lock = self._lock
         lock.acquire_shared()
         try:
             self._check_open()
-            bits = self._bitmap.bits(lo, hi)
-            edges = np.flatnonzero(bits[1:] != bits[:-1]) + 1
-            first = np.concatenate(([0], edges))
-            starts = np.maximum((first + lo) << _SHIFT, offset)
-            ends = np.minimum((np.concatenate((edges, [hi - lo])) + lo) << _SHIFT, end)
-            is_set = bits[first]
-            cow = split_data(self._fd, starts[is_set], ends[is_set], self._data_offset)
-            backing = split_data(self._bfd, starts[~is_set], ends[~is_set])
+            return self._cow.run_arrays(offset, length, backing_fd=self._bfd, holes=True)
         finally:
             lock.release_shared()
-        out_starts = np.concatenate((cow[0], backing[0]))
-        order = np.argsort(out_starts, kind="stable")
-        sources = np.concatenate((np.where(cow[2], 1, 2), np.where(backing[2], 0, 2))).astype(np.int8)
-        return out_starts[order], np.concatenate((cow[1], backing[1]))[order], sources[order]
 
     def count_cow_sectors(self) -> int:
         """Sectors whose bit is set (and honoured)."""

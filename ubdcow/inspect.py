@@ -9,19 +9,11 @@ from typing import Any
 
 from . import lock as _lock
 from .backing import attach_backing, backing_candidates, mismatch_hint
+from .cowfile import CowFile, cow_bytes
 from .errors import BackingFileError
 from .format import CowHeader
-from .image import CowFile
 
 __all__ = ["info", "iter_map", "map_image", "backing_status", "cow_bytes"]
-
-
-def cow_bytes(header: CowHeader, cow_sectors: int, last_set: bool) -> int:
-    """Bytes of the virtual disk read from the COW file (a set partial last sector counts its defined part)."""
-    total = cow_sectors * header.sectorsize
-    if last_set:
-        total -= header.sectors * header.sectorsize - header.size
-    return min(total, header.size)
 
 
 def _opened_path(fd: int, path: str) -> str:
