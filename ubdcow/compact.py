@@ -206,8 +206,7 @@ class _Compactor:
             except OSError:
                 done = False
             if not done:
-                got = read_at(cfd, c, base + start, self.cow.name)
-                c[got:] = bytes(n - got)  # past the end of the file: zeros
+                self.cow.read_data(c, start)
                 if read_at(bfd, k, start, self.backing_name) < n:
                     raise ImageIOError(
                         self.backing_name, f"short read at offset {start}: the backing file changed while in use"

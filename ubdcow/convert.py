@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
-from ._io import Segments, copy_range, pwrite_all, read_at
+from ._io import copy_range, pwrite_all, read_at
 from ._pagewrite import write_clear_sectors
 from ._result import Result
 from .backing import attach_backing, backing_stats
@@ -149,19 +149,13 @@ def _usable_backing(src: CowFile, backing: str | os.PathLike[str] | None) -> tup
 
 
 def _copy_data(src: CowFile, target: CowHeader, out_fd: int, progress: Callable[[int], Any] | None) -> None:
-    """Copy the data of set sectors (holes stay holes), before any bit is written."""
-    base = src.header.data_offset
-    segments = Segments(src.fd)
-    for start, length, source in src.extents():
-        if source == "cow":
-            end = min(base + start + length, base + src.header.sectors * SECTOR_SIZE)
-            for a, b, is_data in segments(base + start, end):
-                if is_data:
-                    b = min(b, src.length)
-                    if b > a:
-                        copy_range(src.fd, a, out_fd, target.data_offset + (a - base), b - a)
+    """Copy the data of set sectors before any bit is written (holes, and set bits past the end of the
+    file, stay holes)."""
+    for run in src.runs(holes=True):
+        if run.source == "cow":
+            copy_range(src.fd, run.offset, out_fd, target.data_offset + run.start, run.length)
         if progress is not None:
-            progress(length)
+            progress(run.length)
 
 
 def _fill_pages(src: CowFile, backing_fd: int, backing_path: str, target: CowHeader, out_fd: int) -> None:
