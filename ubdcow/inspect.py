@@ -1,19 +1,21 @@
-"""Read-only facts about a COW file: ``info`` (header, backing status, sizes)."""
+"""Read-only facts about a COW file: ``info`` (header, backing status, sizes) and ``iter_map`` (the map)."""
 
 from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 from . import lock as _lock
+from ._result import Result
 from .backing import attach_backing, backing_candidates, mismatch_hint
 from .cowfile import CowFile, cow_bytes
 from .errors import BackingFileError
 from .format import CowHeader
 
-__all__ = ["info", "iter_map", "map_image", "backing_status", "cow_bytes"]
+__all__ = ["Info", "info", "iter_map", "map_image", "backing_status", "cow_bytes"]
 
 
 def _opened_path(fd: int, path: str) -> str:
@@ -74,8 +76,59 @@ def backing_status(
     return status
 
 
-def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Header, geometry, backing status and sizes of a COW file, as a JSON-ready dict.
+@dataclass(frozen=True, eq=False)
+class Info(Result, Mapping[str, Any]):
+    """What :func:`info` finds: header, geometry, backing status and sizes of a COW file.
+
+    A :class:`~ubdcow._result.Result` whose :meth:`to_dict` is what ``info --json`` prints, and a read-only
+    mapping of the same keys (``facts["cow_sectors"]``, ``dict(facts)``), as ``info`` returned before.
+    """
+
+    file: str
+    version: int
+    layout: str
+    byteorder: str
+    backing_file: str
+    #: where the backing file is and whether UML would accept it (:func:`backing_status`)
+    backing: dict[str, Any]
+    mtime: int
+    size: int
+    sectorsize: int
+    alignment: int
+    cow_format: int
+    bitmap_offset: int
+    bitmap_len: int
+    data_offset: int
+    sectors: int
+    cow_sectors: int
+    cow_bytes: int
+    mixed_pages: int
+    apparent_size: int
+    allocated_size: int
+    in_use: bool
+    #: "write", "read" or None: the lock another process holds
+    lock: str | None
+    locked_by: int | None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _INFO_KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_INFO_KEYS)
+
+    def __len__(self) -> int:
+        return len(_INFO_KEYS)
+
+    __eq__ = Mapping.__eq__  # equal to the dict it reads as (Result's would compare records only)
+
+
+_INFO_KEYS = tuple(f.name for f in fields(Info))
+
+
+def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | None = None) -> Info:
+    """Header, geometry, backing status and sizes of a COW file (an :class:`Info`, readable as a dict).
 
     Raises for a file that is not a valid COW file; a missing or mismatched
     backing file is reported in ``backing``, not raised.
@@ -88,31 +141,31 @@ def info(cow_path: str | os.PathLike[str], *, backing: str | os.PathLike[str] | 
         last_set = cow.bitmap.test(header.sectors - 1)
         lock_kind, pid = _lock.held(cow.fd)
         apparent = cow.length
-    return {
-        "file": cow_path,
-        "version": header.version,
-        "layout": header.layout,
-        "byteorder": header.byteorder,
-        "backing_file": header.backing_file,
-        "backing": backing_status(header, cow_path, st, backing),
-        "mtime": header.mtime,
-        "size": header.size,
-        "sectorsize": header.sectorsize,
-        "alignment": header.alignment,
-        "cow_format": header.cow_format,
-        "bitmap_offset": header.bitmap_offset,
-        "bitmap_len": header.bitmap_len,
-        "data_offset": header.data_offset,
-        "sectors": header.sectors,
-        "cow_sectors": cow_sectors,
-        "cow_bytes": cow_bytes(header, cow_sectors, last_set),
-        "mixed_pages": mixed_pages,
-        "apparent_size": apparent,
-        "allocated_size": st.st_blocks * 512,
-        "in_use": lock_kind is not None,
-        "lock": lock_kind,
-        "locked_by": pid,
-    }
+    return Info(
+        file=cow_path,
+        version=header.version,
+        layout=header.layout,
+        byteorder=header.byteorder,
+        backing_file=header.backing_file,
+        backing=backing_status(header, cow_path, st, backing),
+        mtime=header.mtime,
+        size=header.size,
+        sectorsize=header.sectorsize,
+        alignment=header.alignment,
+        cow_format=header.cow_format,
+        bitmap_offset=header.bitmap_offset,
+        bitmap_len=header.bitmap_len,
+        data_offset=header.data_offset,
+        sectors=header.sectors,
+        cow_sectors=cow_sectors,
+        cow_bytes=cow_bytes(header, cow_sectors, last_set),
+        mixed_pages=mixed_pages,
+        apparent_size=apparent,
+        allocated_size=st.st_blocks * 512,
+        in_use=lock_kind is not None,
+        lock=lock_kind,
+        locked_by=pid,
+    )
 
 
 def iter_map(cow_path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
@@ -129,5 +182,5 @@ def iter_map(cow_path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
 
 
 def map_image(cow_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """:func:`iter_map` as a list."""
+    """``list(iter_map(cow_path))``: kept for callers of earlier versions (use :func:`iter_map`)."""
     return list(iter_map(cow_path))
