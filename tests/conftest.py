@@ -26,7 +26,7 @@ GEOMETRY_KEYS = ("version", "layout", "mtime", "size", "sectorsize", "alignment"
 
 def pytest_report_header() -> list[str]:
     """The UML kernel the guest tests boot and its version, so every log shows which kernel judged the run."""
-    from uml import kernel_description
+    from support.uml import kernel_description
 
     return [kernel_description()]
 

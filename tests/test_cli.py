@@ -141,7 +141,7 @@ def json_invocations(tmp_path):
 
 def json_ready(calls):
     """The invocations this machine can run: serve needs nbdkit (required in CI)."""
-    from nbdlab import require_nbd
+    from support.nbdlab import require_nbd
 
     try:
         require_nbd("nbdkit")

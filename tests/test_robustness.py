@@ -133,7 +133,7 @@ def test_backing_that_grows_or_is_touched_during_merge_discards_the_output(tmp_p
 @pytest.fixture
 def running_guest(tmp_path: Path):
     """A real guest holding /dev/ubdb open on a fresh COW file; yields (cow, backing, pid)."""
-    from uml import run_guest, ubd_arg
+    from support.uml import run_guest, ubd_arg
 
     backing = tmp_path / "b.img"
     backing.write_bytes(os.urandom(2 << 20))
