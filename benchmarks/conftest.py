@@ -527,3 +527,93 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             tr.write_line(f"{r.label:<58} {r.value:>8.3f} {target:>9} {status:<12} {r.detail}")
     for note in RESULTS.notes:
         tr.write_line(f"note: {note}")
+
+
+# -- the model root filesystem (issue 22 and later) --------------------------------------------------------
+
+REPO = Path(__file__).parent.parent
+#: git-ignored: the Debian tree made once by debootstrap, and peers installed for comparison only
+CACHE = REPO / ".cache"
+DEBIAN_TREE = CACHE / "debian-minbase"
+SYNTHETIC_TREE = CACHE / "synthetic-root"
+
+
+@dataclass(frozen=True)
+class ModelImage:
+    """An ext4 image (4 KiB blocks, ``mkfs.ext4 -d``) of a root filesystem tree, and where the tree came from."""
+
+    image: Path
+    tree: Path
+    kind: str  # "debootstrap" (Debian bookworm minbase) or "synthetic" (the same shape)
+    entries: int  # every entry below the root, as find counts them
+
+
+def _debootstrap() -> Path | None:
+    """``debootstrap --variant=minbase bookworm`` into the cache (root and the network needed), or None."""
+    tool = shutil.which("debootstrap") or ("/usr/sbin/debootstrap" if os.path.exists("/usr/sbin/debootstrap") else None)
+    if os.geteuid() != 0 or tool is None:
+        return None
+    scratch = CACHE / "debootstrap-tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    CACHE.mkdir(exist_ok=True)
+    proc = subprocess.run([tool, "--variant=minbase", "bookworm", str(scratch)], capture_output=True, timeout=1800)
+    if proc.returncode != 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        return None
+    scratch.rename(DEBIAN_TREE)
+    return DEBIAN_TREE
+
+
+def _synthesize(folder: Path, seed: int = 22) -> Path:
+    """A tree shaped like a Debian minbase root: 785 folders up to 8 deep, 5,300 files of a few KiB (a few
+    of MiBs), 650 relative symlinks; deterministic."""
+    rng = np.random.default_rng(seed)
+    scratch = folder.with_name(folder.name + "-tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    dirs = [scratch]
+    scratch.mkdir(parents=True)
+    for i in range(784):
+        parent = dirs[int(rng.integers(0, len(dirs)))] if i > 20 else scratch
+        if len(parent.relative_to(scratch).parts) >= 8:
+            parent = scratch
+        child = parent / f"dir{i:03d}"
+        child.mkdir()
+        dirs.append(child)
+    files = []
+    for i in range(5300):
+        path = dirs[int(rng.integers(0, len(dirs)))] / f"file{i:04d}.so"
+        size = int(min(rng.lognormal(7.5, 1.8), 4 << 20))
+        path.write_bytes(rng.bytes(size))
+        files.append(path)
+    for i in range(650):
+        path = dirs[int(rng.integers(0, len(dirs)))] / f"link{i:03d}"
+        os.symlink(os.path.relpath(files[int(rng.integers(0, len(files)))], path.parent), path)
+    scratch.rename(folder)
+    return folder
+
+
+def model_tree() -> tuple[Path, str]:
+    """The cached Debian tree (made by debootstrap the first time), else a synthesized one of the same shape."""
+    if (DEBIAN_TREE / "etc" / "debian_version").exists():
+        return DEBIAN_TREE, "debootstrap"
+    if os.environ.get("UBDCOW_BENCH_NO_DEBOOTSTRAP") != "1" and _debootstrap() is not None:
+        return DEBIAN_TREE, "debootstrap"
+    if not SYNTHETIC_TREE.exists():
+        _synthesize(SYNTHETIC_TREE)
+    return SYNTHETIC_TREE, "synthetic"
+
+
+@pytest.fixture(scope="session")
+def model_image(bench_dir: Path) -> ModelImage:
+    """The model root filesystem as a 2 GiB ext4 image (sparse), made once per session."""
+    mkfs = _system_tool("mkfs.ext4")
+    if mkfs is None:
+        pytest.skip("mkfs.ext4 is not installed (e2fsprogs)")
+    tree, kind = model_tree()
+    image = bench_dir / "model.img"
+    proc = subprocess.run([mkfs, "-q", "-F", "-d", str(tree), str(image), "2G"], capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    entries = sum(len(d) + len(f) for _, d, f in os.walk(tree))
+    settle()
+    warm(image)
+    return ModelImage(image, tree, kind, entries)

@@ -170,3 +170,11 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], *needles: st
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def fs_images(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """ext2/3/4 images of every layout in tests/support/fstree.py, each made once per session when first asked for."""
+    from support.fstree import Images
+
+    return Images(tmp_path_factory.mktemp("fs-images"))

@@ -43,6 +43,9 @@ def test_api_examples_run(tmp_path, monkeypatch):
     printed = run_blocks(sources, tmp_path, monkeypatch)
     assert "v3 8388608 12288" in printed
     assert "not a UML COW file" in printed
+    for line in ("['etc', 'lost+found', 'name']", "symlink etc/hostname 0o777", "b'pc1\\n'", "b'c1'",
+                 "pc1.cow: /etc/passwd: no such file or directory"):  # the filesystem reader's example
+        assert line in printed.splitlines(), line
 
 
 def test_readme_library_example_runs(tmp_path, monkeypatch):

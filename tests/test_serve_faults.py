@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_tool
 from support.fslab import checked
 from support.nbdlab import (
     NBD_CMD_TRIM,
@@ -24,9 +25,9 @@ from support.nbdlab import (
     NBD_CMD_WRITE_ZEROES,
     NBD_FLAG_READ_ONLY,
     RawClient,
+    Server,
     file_locks,
     random_overlay,
-    Server,
     require_nbd,
     ubdcow_cmd,
 )

@@ -4,13 +4,14 @@ another's private names, imports in one direction (docs/design.md), no import cy
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "ubdcow"
-#: the engine and the tools: the modules directly in ubdcow/ (cli/ and fs/ are packages of their own)
-TOP = sorted(PACKAGE.glob("*.py"))
+#: every module: the engine and the tools directly in ubdcow/, the command line (cli/), the filesystem reader (fs/)
+ALL = sorted(PACKAGE.rglob("*.py"))
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 #: the engine's layers, bottom up (docs/design.md): a module imports only from its own layer or below
@@ -25,6 +26,20 @@ LAYERS = [
     {"image"},
     {"disk"},
 ]
+#: the filesystem reader's layers, bottom up (docs/design.md); below them it may import only these
+FS_LAYERS = [
+    {"layout", "journal_layout", "crc", "records"},
+    {"superblock", "journal", "partitions"},
+    {"volume"},
+    {"inodes"},
+    {"blockmap"},
+    {"xattrs"},
+    {"dirs", "files"},
+    {"filesystem"},
+    {"openfs"},
+    {"__init__"},
+]
+FS_BELOW = {"ubdcow.errors", "ubdcow.disk"}
 
 
 def module_name(path: Path) -> str:
@@ -69,7 +84,7 @@ def body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     return n
 
 
-@pytest.mark.parametrize("path", TOP, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_modules_and_functions_are_small(path: Path) -> None:
     lines = path.read_text().count("\n")
     assert lines <= MAX_MODULE_LINES, f"{path.name}: {lines} lines"
@@ -101,6 +116,35 @@ def test_the_engine_imports_only_from_its_own_layer_or_below() -> None:
         if layer.get(target, len(LAYERS)) > i
     ]
     assert not upward
+
+
+def test_the_filesystem_reader_imports_only_from_its_own_layer_or_below() -> None:
+    layer = {"ubdcow.fs" + ("" if name == "__init__" else f".{name}"): i for i, names in enumerate(FS_LAYERS)
+             for name in names}  # fmt: skip
+    assert set(layer) == {m for m in MODULES if m.startswith("ubdcow.fs")}, "a module of fs/ not in FS_LAYERS"
+    wrong = [
+        f"{module} imports {target}"
+        for module, i in layer.items()
+        for target, _ in imports(MODULES[module], top_level_only=False)
+        if (target not in FS_BELOW and layer.get(target, len(FS_LAYERS)) > i)
+        or (target == "ubdcow.disk" and module != "ubdcow.fs.openfs")  # the disk is opened in one place
+    ]
+    assert not wrong
+
+
+def test_the_map_in_design_md_names_every_module_and_only_tests_that_exist() -> None:
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    named = set(re.findall(r"`([\w/]+\.py)`", text))
+    # cli/ modules are named with their folder; the engine's, the tools' and fs/'s by their file name
+    unnamed = [
+        str(p.relative_to(PACKAGE))
+        for p in ALL
+        if str(p.relative_to(PACKAGE)) not in named and p.name not in named and p.parent.name != "cli"
+        or p.parent.name == "cli" and p.name != "__init__.py" and f"cli/{p.name}" not in named
+    ]
+    assert not unnamed, f"docs/design.md does not name {unnamed}"
+    tests = set(re.findall(r"`(test_\w+)`", text))
+    assert tests and not [name for name in tests if not (PACKAGE.parent / "tests" / f"{name}.py").exists()]
 
 
 def cycles(top_level_only: bool, where: str = "ubdcow") -> list[list[str]]:

@@ -25,21 +25,31 @@ from .du import DuReport, du
 from .errors import (
     BackingFileError,
     BackingMismatchError,
+    CorruptFilesystemError,
     CorruptHeaderError,
     CorruptImageError,
+    FilesystemError,
     FormatError,
+    FsFileNotFoundError,
+    FsIsADirectoryError,
+    FsNotADirectoryError,
+    FsPathError,
     ImageIOError,
     ImageLockedError,
     ImageRangeError,
+    JournalError,
     NotACowFileError,
     OutputError,
+    PartitionError,
     ServeError,
     UbdCowError,
     UnrecordableWriteError,
+    UnsupportedFilesystemError,
     UnsupportedSectorSizeError,
     UnsupportedVersionError,
 )
 from .format import CowHeader, make_header, parse_header, read_header
+from .fs import FileStat, FileSystem, open_fs
 from .image import CowFile, CowImage, Extent, Run, open
 from .inspect import Info, info, iter_map
 from .inspect import map_image as map_image  # list(iter_map(...)), for earlier callers
@@ -60,6 +70,9 @@ __all__ = [
     "convert",
     "du",
     "compact",
+    "open_fs",
+    "FileSystem",
+    "FileStat",
     "MergeResult",
     "CheckReport",
     "Finding",
@@ -93,4 +106,13 @@ __all__ = [
     "OutputError",
     "ImageIOError",
     "ServeError",
+    "FilesystemError",
+    "CorruptFilesystemError",
+    "UnsupportedFilesystemError",
+    "JournalError",
+    "PartitionError",
+    "FsPathError",
+    "FsFileNotFoundError",
+    "FsNotADirectoryError",
+    "FsIsADirectoryError",
 ]

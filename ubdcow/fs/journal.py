@@ -1,0 +1,450 @@
+"""Replay an ext3/ext4 jbd2 journal in memory, by the kernel's recovery rules; nothing is written.
+
+A guest that was killed or crashed leaves its newest metadata in the journal only
+(``needs_recovery``). :func:`replay` reads the journal (the content of the journal inode,
+block by block, through ``read_block``) and returns a :class:`JournalReplay`: for each filesystem
+block the log rewrites, where its newest copy sits in the journal. The content is read lazily,
+one block at a time, when the reader asks for it.
+
+The passes follow the kernel's ``fs/jbd2/recovery.c`` (which e2fsck shares):
+
+1. scan: from ``s_start``/``s_sequence``, wrapping at the journal's end, each block must carry
+   the jbd2 magic and the expected sequence number; a commit block ends a transaction. The log
+   ends at the first block that does not. Checksums are verified here: the superblock's, the
+   descriptor and revoke blocks' tails and the commit blocks' (v2/v3), the v1 transaction CRC
+   (``COMPAT_CHECKSUM``). A commit block whose checksum is wrong ends the log before its
+   transaction (with ``async_commit`` the scan goes on, as the kernel's does); a wrong descriptor or
+   revoke block ends it quietly when a commit time older than the last one shows stale
+   blocks, else the journal is corrupt.
+2. revoke: every revoke record of a complete transaction revokes its block for that
+   transaction and all earlier ones.
+3. replay: every tag of a complete transaction that is not revoked maps its filesystem block
+   to that journal block (a later transaction wins); with csum v2/v3 its data block's
+   checksum must match, and an escaped block gets its magic number back when read.
+
+A corrupt journal raises :class:`~ubdcow.errors.JournalError`, whose hint names ``--no-journal``.
+All work is bounded by the journal's size: the log cannot be longer than the journal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
+from typing import NoReturn
+
+import construct as cs
+import numpy as np
+
+from ..errors import JournalError
+from . import journal_layout as L
+from .crc import crc32_be, crc32c
+
+__all__ = ["NO_JOURNAL_HINT", "JournalReplay", "replay"]
+
+#: the hint of every journal error
+NO_JOURNAL_HINT = "--no-journal reads the disk as it is, without the changes still in the journal"
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _tid_gt(x: int, y: int) -> bool:
+    """``x`` comes after ``y`` in transaction order (the kernel's tid_gt: modulo 2**32)."""
+    return 0 < ((x - y) & _MASK32) < 0x80000000
+
+
+def _tid_geq(x: int, y: int) -> bool:
+    return ((x - y) & _MASK32) < 0x80000000
+
+
+@dataclass(repr=False, eq=False)
+class JournalReplay:
+    """The replayed view: the newest committed copy of each block the journal rewrites."""
+
+    _read_block: Callable[[int], bytes]
+    _block_size: int
+    _name: str
+    _mapping: dict[int, int]  # fs block -> journal block * 2 + escape flag
+    _: KW_ONLY
+    #: complete transactions replayed
+    transactions: int = 0
+    #: the first transaction of the log, and the one after the last replayed
+    first_transaction: int = 0
+    end_transaction: int = 0
+    #: a transaction whose commit block failed its checksum (the kernel logs it as corrupt)
+    failed_commit: int | None = None
+    #: revoke records read, and tags they kept from being replayed
+    revoke_records: int = 0
+    revoke_hits: int = 0
+    #: replayed blocks whose first four bytes were escaped (JBD2_FLAG_ESCAPE)
+    escaped: int = 0
+    #: the replayed log runs past the journal's last block and on from its first
+    wrapped: bool = False
+    #: the filesystem blocks the replay replaces
+    blocks: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.blocks = frozenset(self._mapping)
+
+    def read(self, fs_block: int) -> bytes | None:
+        """The replayed content of filesystem block ``fs_block``, or None when the journal has none."""
+        where = self._mapping.get(fs_block)
+        if where is None:
+            return None
+        jblock, escape = divmod(where, 2)
+        data = _read(self._read_block, jblock, self._block_size, self._name)
+        if escape:
+            data = L.JBD2_MAGIC.to_bytes(4, "big") + data[4:]
+        return data
+
+    def __repr__(self) -> str:
+        return f"<JournalReplay {self.transactions} transactions, {len(self.blocks)} blocks>"
+
+
+def _read(read_block: Callable[[int], bytes], n: int, block_size: int, name: str) -> bytes:
+    data = read_block(n)
+    if len(data) != block_size:
+        raise JournalError(name, f"journal block {n}: read {len(data)} bytes, not {block_size}", hint=NO_JOURNAL_HINT)
+    return bytes(data)
+
+
+@dataclass
+class _Descriptor:
+    block: int  # where it sits in the journal
+    first_data: int  # the journal block of its first tag's data
+    tags: list[tuple[int, int, int]]  # (fs block, flags, checksum)
+    tail_ok: bool
+
+
+@dataclass
+class _Transaction:
+    sequence: int
+    descriptors: list[_Descriptor] = field(default_factory=list)
+    revokes: list[int] = field(default_factory=list)  # journal blocks of its revoke blocks
+    wrapped: bool = False  # its commit block comes after the log wrapped
+
+
+@dataclass
+class _Scan:
+    transactions: list[_Transaction]
+    end: int  # the first transaction not replayed
+    failed_commit: int | None
+
+
+@dataclass
+class _Cursor:
+    """Where pass 1 is, and what its checks carry from block to block."""
+
+    at: int  # the next journal block
+    next_id: int  # the sequence number the next block must carry
+    consumed: int = 0  # blocks read or stepped over: at most the journal's
+    wrapped: bool = False
+    end: int | None = None  # the first transaction whose commit block failed
+    failed: int | None = None
+    need_check_commit_time: bool = False  # a descriptor or revoke block of this transaction was bad
+    last_commit_time: int = 0
+    crc_sum: int = _MASK32  # v1 transaction checksum (crc32_be)
+
+
+class _Journal:
+    """The journal's superblock, its features, and the three recovery passes."""
+
+    def __init__(self, read_block: Callable[[int], bytes], nblocks: int, block_size: int, name: str) -> None:
+        self.read_block = read_block
+        self.block_size = block_size
+        self.name = name
+        if block_size < 1024 or block_size > 65536 or block_size & (block_size - 1):
+            self.fail(f"block size {block_size} is not a power of two from 1024 to 65536")
+        if nblocks < 2:
+            self.fail(f"the journal has {nblocks} blocks")
+        raw = self.read(0, limit=nblocks)
+        sb = L.JOURNAL_SUPERBLOCK.parse(raw[: L.JOURNAL_SUPERBLOCK_SIZE])
+        if sb.h_magic != L.JBD2_MAGIC:
+            self.fail("the journal superblock has no jbd2 magic number")
+        if sb.h_blocktype == L.JBD2_SUPERBLOCK_V1:
+            self.version = 1
+        elif sb.h_blocktype == L.JBD2_SUPERBLOCK_V2:
+            self.version = 2
+        elif sb.h_blocktype in (L.JBD2_DESCRIPTOR_BLOCK, L.JBD2_COMMIT_BLOCK, L.JBD2_REVOKE_BLOCK):
+            self.fail(f"the journal superblock is a log block (type {sb.h_blocktype})")
+        else:
+            self.fail(f"unknown journal superblock type {sb.h_blocktype}")
+        self.features(sb, raw[: L.JOURNAL_SUPERBLOCK_SIZE])
+        if sb.s_blocksize != block_size:
+            self.fail(f"the journal's block size {sb.s_blocksize} is not the filesystem's {block_size}")
+        if sb.s_maxlen > nblocks:
+            self.fail(f"the journal superblock says {sb.s_maxlen} blocks, the journal has {nblocks}")
+        self.maxlen = sb.s_maxlen
+        self.first = sb.s_first
+        if self.first == 0 or self.first >= self.maxlen:
+            self.fail(f"the log's first block {self.first} is outside the journal ({self.maxlen} blocks)")
+        self.start = sb.s_start
+        self.sequence = sb.s_sequence
+        if self.start and self.incompat & L.JBD2_FEATURE_INCOMPAT_FAST_COMMIT:
+            self.fail("the journal has fast commits (fast_commit), which ubdcow does not replay")
+        if self.csum3:
+            self.tag_dtype, self.tag_bytes = L.JOURNAL_BLOCK_TAG3, L.JOURNAL_BLOCK_TAG3.itemsize
+        else:
+            self.tag_dtype = L.JOURNAL_BLOCK_TAG64 if self.is64 else L.JOURNAL_BLOCK_TAG32
+            self.tag_bytes = self.tag_dtype.itemsize + (2 if self.csum2 else 0)
+        self.tail = L.JOURNAL_BLOCK_TAIL_SIZE if self.csum else 0
+
+    def features(self, sb: cs.Container, raw: bytes) -> None:
+        """The superblock's features: which checksums (and the superblock's own), 64-bit block numbers."""
+        # a v1 superblock has no features (the kernel ignores those fields)
+        self.compat = sb.s_feature_compat if self.version == 2 else 0
+        self.incompat = sb.s_feature_incompat if self.version == 2 else 0
+        rocompat = sb.s_feature_ro_compat if self.version == 2 else 0
+        if self.version == 2 and sb.s_nr_users > 1:
+            self.fail(f"the journal is shared by {sb.s_nr_users} filesystems (an external journal)")
+        if self.incompat & ~L.JBD2_KNOWN_INCOMPAT:
+            self.fail(f"unknown incompatible journal features 0x{self.incompat & ~L.JBD2_KNOWN_INCOMPAT:x}")
+        if rocompat & ~L.JBD2_KNOWN_ROCOMPAT:
+            self.fail(f"unknown read-only journal features 0x{rocompat:x}")
+        self.csum2 = bool(self.incompat & L.JBD2_FEATURE_INCOMPAT_CSUM_V2)
+        self.csum3 = bool(self.incompat & L.JBD2_FEATURE_INCOMPAT_CSUM_V3)
+        self.csum = self.csum2 or self.csum3
+        self.checksum_v1 = bool(self.compat & L.JBD2_FEATURE_COMPAT_CHECKSUM)
+        self.is64 = bool(self.incompat & L.JBD2_FEATURE_INCOMPAT_64BIT)
+        self.async_commit = bool(self.incompat & L.JBD2_FEATURE_INCOMPAT_ASYNC_COMMIT)
+        if self.csum2 and self.csum3:
+            self.fail("the journal claims checksums v2 and v3 at once")
+        if self.csum and self.checksum_v1:
+            self.fail("the journal claims checksums v1 and v2/v3 at once")
+        if self.csum:
+            if sb.s_checksum_type != L.JBD2_CRC32C_CHKSUM:
+                self.fail(f"unknown journal checksum type {sb.s_checksum_type}")
+            image = bytearray(raw)
+            image[L.JOURNAL_SUPERBLOCK_CHECKSUM_OFFSET : L.JOURNAL_SUPERBLOCK_CHECKSUM_OFFSET + 4] = bytes(4)
+            if crc32c(image, _MASK32) != sb.s_checksum:
+                self.fail("the journal superblock's checksum is wrong")
+            self.seed = crc32c(sb.s_uuid, _MASK32)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def fail(self, problem: str) -> NoReturn:
+        raise JournalError(self.name, f"journal: {problem}", hint=NO_JOURNAL_HINT)
+
+    def read(self, n: int, limit: int | None = None) -> bytes:
+        if n >= (self.maxlen if limit is None else limit):
+            self.fail(f"the log runs to block {n}, past the journal's end ({self.maxlen} blocks)")
+        return _read(self.read_block, n, self.block_size, self.name)
+
+    def wrap(self, n: int) -> int:
+        return n - (self.maxlen - self.first) if n >= self.maxlen else n
+
+    def tail_ok(self, block: bytes) -> bool:
+        """A descriptor or revoke block's tail checksum matches (always, without csum v2/v3)."""
+        if not self.csum:
+            return True
+        end = self.block_size - L.JOURNAL_BLOCK_TAIL_SIZE
+        provided = L.JOURNAL_BLOCK_TAIL.parse(block[end:]).t_checksum
+        return bool(crc32c(block[:end] + bytes(4), self.seed) == provided)
+
+    def commit_ok(self, block: bytes) -> bool:
+        if not self.csum:
+            return True
+        at = L.JOURNAL_COMMIT_CHECKSUM_OFFSET
+        provided = int.from_bytes(block[at : at + 4], "big")
+        return bool(crc32c(block[:at] + bytes(4) + block[at + 4 :], self.seed) == provided)
+
+    def tag_ok(self, checksum: int, data: bytes, sequence: int) -> bool:
+        if not self.csum:
+            return True
+        value = crc32c(data, crc32c(sequence.to_bytes(4, "big"), self.seed))
+        return checksum == (value if self.csum3 else value & 0xFFFF)
+
+    def tags(self, block: bytes) -> list[tuple[int, int, int]]:
+        """The tags of a descriptor block: (filesystem block, flags, checksum), as count_tags walks them."""
+        out = []
+        size = self.block_size - self.tail
+        offset = L.JOURNAL_HEADER.itemsize
+        while offset + self.tag_bytes <= size:
+            tag = np.frombuffer(block, self.tag_dtype, count=1, offset=offset)[0]
+            flags = int(tag["t_flags"]) & 0xFFFF
+            number = int(tag["t_blocknr"])
+            if self.is64:
+                number |= int(tag["t_blocknr_high"]) << 32
+            out.append((number, flags, int(tag["t_checksum"])))
+            offset += self.tag_bytes
+            if not flags & L.JBD2_FLAG_SAME_UUID:
+                offset += L.JOURNAL_TAG_UUID_SIZE
+            if flags & L.JBD2_FLAG_LAST_TAG:
+                break
+        return out
+
+    # -- pass 1: scan --------------------------------------------------------------------------
+
+    def scan(self) -> _Scan:
+        """Find the end of the log: the transactions whose commit block is there and valid."""
+        capacity = self.maxlen - self.first
+        c = _Cursor(self.start, self.sequence)
+        transactions: dict[int, _Transaction] = {}
+        while True:
+            here, block = c.at, self.read(c.at)
+            self.advance(c, 1)
+            header = np.frombuffer(block, L.JOURNAL_HEADER, count=1)[0]
+            if int(header["h_magic"]) != L.JBD2_MAGIC or int(header["h_sequence"]) != c.next_id:
+                break
+            if c.consumed > capacity:  # the kernel would go round for ever
+                self.fail(f"the log is longer than the journal: transaction {c.next_id} loops at block {here}")
+            blocktype = int(header["h_blocktype"])
+            transaction = transactions.setdefault(c.next_id, _Transaction(c.next_id))
+            if blocktype == L.JBD2_DESCRIPTOR_BLOCK:
+                self.scan_descriptor(c, here, block, transaction)
+            elif blocktype == L.JBD2_COMMIT_BLOCK:
+                if not self.scan_commit(c, block, transaction):
+                    break
+            elif blocktype == L.JBD2_REVOKE_BLOCK:
+                c.need_check_commit_time = c.need_check_commit_time or not self.tail_ok(block)
+                transaction.revokes.append(here)
+            else:
+                break
+        end = c.next_id if c.end is None else c.end
+        replayed = [t for t in transactions.values() if not _tid_geq(t.sequence, end)]
+        return _Scan(replayed, end, c.failed)
+
+    def advance(self, c: _Cursor, n: int) -> None:
+        """Step over ``n`` blocks, wrapping at the journal's end."""
+        c.consumed += n
+        c.wrapped = c.wrapped or c.at + n >= self.maxlen
+        c.at = self.wrap(c.at + n)
+
+    def scan_descriptor(self, c: _Cursor, here: int, block: bytes, transaction: _Transaction) -> None:
+        """Record a descriptor block and step over its data blocks (summing them for the v1 CRC)."""
+        tail_ok = self.tail_ok(block)
+        c.need_check_commit_time = c.need_check_commit_time or not tail_ok
+        tags = self.tags(block)
+        transaction.descriptors.append(_Descriptor(here, c.at, tags, tail_ok))
+        if self.checksum_v1 and not c.need_check_commit_time and c.end is None:
+            c.crc_sum = crc32_be(block, c.crc_sum)
+            for _ in tags:
+                c.crc_sum = crc32_be(self.read(c.at), c.crc_sum)
+                self.advance(c, 1)
+        else:
+            self.advance(c, len(tags))
+
+    def scan_commit(self, c: _Cursor, block: bytes, transaction: _Transaction) -> bool:
+        """Check a commit block and close its transaction; False when the log ends before it."""
+        commit = L.JOURNAL_COMMIT_HEADER.parse(block)
+        if c.need_check_commit_time:  # a descriptor or revoke block of this transaction was bad
+            if commit.h_commit_sec >= c.last_commit_time:
+                self.fail(f"transaction {c.next_id} has a descriptor or revoke block with a wrong checksum")
+            return False  # older than the last commit: stale blocks, the log ends here
+        bad = False
+        if self.checksum_v1:
+            if c.end is not None:
+                c.failed = c.end
+                return True
+            found = commit.h_chksum[0]
+            if (c.crc_sum == found and commit.h_chksum_type == L.JBD2_CRC32_CHKSUM
+                    and commit.h_chksum_size == L.JBD2_CRC32_CHKSUM_SIZE) or (
+                    commit.h_chksum_type == 0 and commit.h_chksum_size == 0 and found == 0):  # fmt: skip
+                c.crc_sum = _MASK32
+            else:
+                bad = True
+        if bad or not self.commit_ok(block):
+            if commit.h_commit_sec < c.last_commit_time:
+                return False  # stale
+            c.end = c.next_id
+            if not self.async_commit:
+                c.failed = c.next_id
+                return True  # the kernel's scan goes on with the same sequence number
+        c.last_commit_time = commit.h_commit_sec
+        transaction.wrapped = c.wrapped
+        c.next_id = (c.next_id + 1) & _MASK32
+        return True
+
+    # -- pass 2: revoke ------------------------------------------------------------------------
+
+    def revoked(self, scan: _Scan) -> tuple[dict[int, int], int]:
+        """Each revoked filesystem block and the newest transaction that revokes it; the records read."""
+        revoked: dict[int, int] = {}
+        records = 0
+        width = 8 if self.is64 else 4
+        for transaction in scan.transactions:
+            for where in transaction.revokes:
+                block = self.read(where)
+                count = L.JOURNAL_REVOKE_HEADER.parse(block).r_count
+                if count > self.block_size - self.tail:
+                    self.fail(f"revoke block {where} of transaction {transaction.sequence} says it holds {count} bytes")
+                n = max(0, (count - L.JOURNAL_REVOKE_HEADER_SIZE) // width)
+                numbers = np.frombuffer(block, f">u{width}", count=n, offset=L.JOURNAL_REVOKE_HEADER_SIZE)
+                records += n
+                for number in numbers.tolist():
+                    previous = revoked.get(number)
+                    if previous is None or _tid_gt(transaction.sequence, previous):
+                        revoked[number] = transaction.sequence
+        return revoked, records
+
+    # -- pass 3: replay ------------------------------------------------------------------------
+
+    def replay(self, scan: _Scan, revoked: dict[int, int], fs_blocks: int | None) -> tuple[dict[int, int], int, int]:
+        """Map each filesystem block to its newest unrevoked copy; return the map, revoke hits, escapes."""
+        mapping: dict[int, int] = {}
+        hits = 0
+        for transaction in scan.transactions:
+            sequence = transaction.sequence
+            for descriptor in transaction.descriptors:
+                if not descriptor.tail_ok:
+                    self.fail(f"descriptor block {descriptor.block} of transaction {sequence} has a wrong checksum")
+                at = descriptor.first_data
+                for number, flags, checksum in descriptor.tags:
+                    here, at = at, self.wrap(at + 1)
+                    revoker = revoked.get(number)
+                    if revoker is not None and not _tid_gt(sequence, revoker):
+                        hits += 1
+                        continue
+                    if self.csum and not self.tag_ok(checksum, self.read(here), sequence):
+                        self.fail(
+                            f"the copy of block {number} in transaction {sequence} (journal block {here}) "
+                            "has a wrong checksum"
+                        )
+                    if fs_blocks is not None and number >= fs_blocks:
+                        self.fail(
+                            f"transaction {sequence} writes block {number}, past the filesystem's end "
+                            f"({fs_blocks} blocks)"
+                        )
+                    mapping[number] = here * 2 + (1 if flags & L.JBD2_FLAG_ESCAPE else 0)
+        escaped = sum(where & 1 for where in mapping.values())
+        return mapping, hits, escaped
+
+
+def replay(
+    read_block: Callable[[int], bytes],
+    nblocks: int,
+    *,
+    block_size: int,
+    name: str,
+    fs_blocks: int | None = None,
+) -> JournalReplay:
+    """Replay the jbd2 journal whose block ``n`` ``read_block(n)`` returns (``0 <= n < nblocks``).
+
+    ``name`` (the disk's path) starts every error message. ``fs_blocks``, when given, is the
+    filesystem's size in blocks: a transaction that writes past it makes the journal corrupt.
+    Returns an empty replay when the log is clean. Raises :class:`~ubdcow.errors.JournalError`
+    on a corrupt or unsupported journal.
+    """
+    try:
+        journal = _Journal(read_block, nblocks, block_size, name)
+        if journal.start == 0:
+            return JournalReplay(read_block, block_size, name, {}, first_transaction=journal.sequence,
+                                 end_transaction=journal.sequence)  # fmt: skip
+        scan = journal.scan()
+        revoked, records = journal.revoked(scan)
+        mapping, hits, escaped = journal.replay(scan, revoked, fs_blocks)
+    except cs.ConstructError as exc:  # only a short block gets here: every field's value is accepted
+        raise JournalError(name, f"journal: unreadable structure ({exc})", hint=NO_JOURNAL_HINT) from None
+    return JournalReplay(
+        read_block,
+        block_size,
+        name,
+        mapping,
+        transactions=len(scan.transactions),
+        first_transaction=journal.sequence,
+        end_transaction=scan.end,
+        failed_commit=scan.failed_commit,
+        revoke_records=records,
+        revoke_hits=hits,
+        escaped=escaped,
+        wrapped=any(t.wrapped for t in scan.transactions),
+    )
