@@ -26,7 +26,7 @@ GEOMETRY_KEYS = ("version", "layout", "mtime", "size", "sectorsize", "alignment"
 
 def pytest_report_header() -> list[str]:
     """The UML kernel the guest tests boot and its version, so every log shows which kernel judged the run."""
-    from uml import kernel_description
+    from support.uml import kernel_description
 
     return [kernel_description()]
 
@@ -186,7 +186,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], *needles: st
 
 @pytest.fixture(scope="session")
 def fs_images(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """ext2/3/4 images of every layout in tests/fstree.py, each made once per session when first asked for."""
-    from fstree import Images
+    """ext2/3/4 images of every layout in tests/support/fstree.py, each made once per session when first asked for."""
+    from support.fstree import Images
 
     return Images(tmp_path_factory.mktemp("fs-images"))

@@ -1,4 +1,4 @@
-"""Every command against every file of the bad-input corpus (tests/data/bad/, made by tests/bad_corpus.py).
+"""Every command against every file of the bad-input corpus (tests/data/bad/, made by tests/support/bad_corpus.py).
 
 Each run must end with the documented exit code, never a traceback, one
 ``ubdcow: <file>: <problem>`` line on stderr when it fails, and no output or
@@ -14,9 +14,9 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from bad_corpus import BAD, SIZE, build, load_manifest, setup_environment
+from support.bad_corpus import BAD, SIZE, build, load_manifest, setup_environment
 from conftest import assert_one_line_error, run_cli
-from nbdlab import require_nbd
+from support.nbdlab import require_nbd
 
 from ubdcow.cli import main
 
@@ -32,7 +32,7 @@ def test_the_corpus_is_current_and_large_enough():
     assert len(files) >= 40
     assert sorted(files) == NAMES
     for name, (content, kind, words) in files.items():
-        assert (BAD / name).read_bytes() == content, f"{name}: rerun python tests/bad_corpus.py"
+        assert (BAD / name).read_bytes() == content, f"{name}: rerun python tests/support/bad_corpus.py"
         assert MANIFEST[name] == {"kind": kind, "words": words}
 
 

@@ -173,7 +173,7 @@ def fs_overlay(tmp_path: Path) -> tuple[Path, Path]:
 
 def json_ready(calls):
     """The invocations this machine can run: serve needs nbdkit (required in CI)."""
-    from nbdlab import require_nbd
+    from support.nbdlab import require_nbd
 
     try:
         require_nbd("nbdkit")
@@ -223,7 +223,7 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
     data = run("info")
     assert data == {**data, **header_facts(cow), "disk": str(cow), "in_use": False, "exit_code": 0}
     assert data["backing"]["path"] == str(backing) and data["backing"]["mtime_matches"] is True
-    facts = ubdcow.info(cow)
+    facts = ubdcow.info(cow).to_dict()
     assert facts.pop("file") == str(cow) and data == {"disk": str(cow), **facts, "exit_code": 0}
 
     data = run("create")

@@ -14,12 +14,12 @@ import json
 import os
 from pathlib import Path
 
-import fslab
+from support import fslab
 import pytest
 from conftest import run_cli
-from fslab import PAGE, checked, q
-from uml import kernel as uml_kernel
-from uml import ubd_arg
+from support.fslab import PAGE, checked, q
+from support.uml import kernel as uml_kernel
+from support.uml import ubd_arg
 
 import ubdcow
 

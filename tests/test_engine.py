@@ -539,17 +539,43 @@ def _coalesced(pieces) -> list[tuple[int, int, int]]:
     return out
 
 
+def _model_sources(cow: Path, backing: Path, data_offset: int, size: int):  # type: ignore[no-untyped-def]
+    """source_runs' codes byte by byte, by the spec model: the sector's bit, then the holes (SEEK_DATA, past
+    the end of a file included) of the file the byte comes from."""
+    import numpy as np
+    import test_oracle_model as spec
+
+    is_set = np.repeat(np.array(spec.decode(cow.read_bytes(), b"")[1], dtype=bool), 512)[:size]
+    holes = {}
+    for name, path, base in (("cow", cow, data_offset), ("backing", backing, 0)):
+        holes[name] = np.zeros(size, dtype=bool)
+        for a, b in spec.hole_ranges(path, base, base + size):
+            holes[name][a - base : b - base] = True
+    return np.where(is_set, np.where(holes["cow"], 2, 1), np.where(holes["backing"], 2, 0))
+
+
+def _runs_of(codes, start: int, end: int) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+    """Maximal runs ``(a, b, code)`` of ``codes[start:end]``, in disk offsets."""
+    import numpy as np
+
+    part = codes[start:end]
+    edges = np.flatnonzero(part[1:] != part[:-1]) + 1
+    firsts = np.concatenate(([0], edges))
+    ends = np.concatenate((edges, [part.size]))
+    return list(zip((firsts + start).tolist(), (ends + start).tolist(), part[firsts].tolist(), strict=True))
+
+
 @pytest.mark.parametrize("fiemap", [True, False])
 @pytest.mark.parametrize("short_backing", [False, True])
 def test_source_runs_match_mapping_and_the_backings_holes(tmp_path, monkeypatch, fiemap, short_backing) -> None:
-    """source_runs (FIEMAP confirms data, SEEK_DATA answers the rest) says what mapping and SEEK_DATA say:
-    zeros for set bits over holes in the data area or past its end, and for clear bits over holes in the
-    backing file or past its end."""
-    from ubdcow import _cowfile
+    """source_runs (FIEMAP confirms data, SEEK_DATA answers the rest) says what mapping and SEEK_DATA say,
+    and what the spec model says: zeros for set bits over holes in the data area or past its end, and for
+    clear bits over holes in the backing file or past its end."""
+    from ubdcow import _io
     from ubdcow._io import Segments
 
     if not fiemap:  # the filesystem cannot tell: everything from SEEK_DATA/SEEK_HOLE
-        monkeypatch.setattr(_cowfile, "written_extents", lambda fd, start, end: None)
+        monkeypatch.setattr(_io, "written_extents", lambda fd, start, end: None)
     size = (6 << 20) + 3000
     cow, backing, _ = make_disk(tmp_path, size, seed=5)
     rng = random.Random(9)
@@ -572,6 +598,7 @@ def test_source_runs_match_mapping_and_the_backings_holes(tmp_path, monkeypatch,
                 img.pwrite(rng.randbytes(length), offset)
     header = read_header(cow)
     os.truncate(cow, header.data_offset + size - 400_000)  # set bits past the end of the COW file
+    model = _model_sources(cow, backing, header.data_offset, size)  # the spec's answer, byte by byte
     with ubdcow.open(cow, backing=backing, check_backing=False) as img:
         for offset, length in [(0, size), (0, 4096), (size - 5000, 5000)] + [
             (rng.randrange(size), rng.randrange(1, 2 << 20)) for _ in range(40)
@@ -586,6 +613,7 @@ def test_source_runs_match_mapping_and_the_backings_holes(tmp_path, monkeypatch,
                 else:
                     want.append((e.start, e.start + e.length, 1 if e.source == "cow" else 2))
             assert got == _coalesced(want)
+            assert got == _runs_of(model, offset, min(size, offset + length))
         whole = _coalesced(zip(*[a.tolist() for a in img.source_runs()], strict=True))
         assert {k for _, _, k in whole} == {0, 1, 2}  # all three sources occur
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from uml import FAIL, Guest, checked, guest, need_guest_tools, run_guest, ubd_arg
-from uml import kernel as uml_kernel
+from support.uml import FAIL, Guest, checked, guest, need_guest_tools, run_guest, ubd_arg
+from support.uml import kernel as uml_kernel
 
 import ubdcow
 

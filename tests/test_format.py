@@ -7,7 +7,7 @@ import struct
 
 import pytest
 import test_oracle_model as spec
-from bad_corpus import v3
+from support.bad_corpus import v3
 from conftest import DATA, GEOMETRY_KEYS, MANIFEST, assert_one_line_error, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st

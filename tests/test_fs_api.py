@@ -1,6 +1,6 @@
 """The Python API of the filesystem reader: paths, errors, symlinks, files, walks, threads; the kernel as oracle.
 
-One ext4 image of tests/fstree.py's tree, loop-mounted read-only for the module: what the API says
+One ext4 image of tests/support/fstree.py's tree, loop-mounted read-only for the module: what the API says
 about a path is compared with what the kernel says about the same path under the mount point.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_root, require_tool
-from fstree import LAYOUTS, mounted
+from support.fstree import LAYOUTS, mounted
 
 import ubdcow
 from ubdcow.errors import (

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jbd2lab as J
+from support import jbd2lab as J
 import pytest
 from conftest import require_tool
 
@@ -83,7 +83,7 @@ def within(seconds: float, fn: Callable[[], Any]) -> Any:
 
 
 def read_view(cow: Path, journal: bool) -> tuple[bool, int, dict[bytes, dict[str, Any]]]:
-    import fstree
+    from support import fstree
 
     with ubdcow.open_fs(cow, journal=journal) as fs:
         return fs.needs_recovery, fs.journal_transactions, fstree.reader_view(fs)
@@ -92,7 +92,7 @@ def read_view(cow: Path, journal: bool) -> tuple[bool, int, dict[bytes, dict[str
 @pytest.mark.uml
 @pytest.mark.slow
 def test_a_killed_guest_reads_as_the_kernel_sees_it_with_and_without_the_journal(tmp_path):
-    import fstree
+    from support import fstree
 
     for tool in ("setfattr", "tr", "head", "truncate"):
         require_tool(tool, "attr" if tool == "setfattr" else "coreutils")

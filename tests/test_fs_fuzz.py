@@ -1,7 +1,7 @@
 """Fuzzing the filesystem reader: mutated mkfs -d images never make it raise anything but UbdCowError, nor hang.
 
 The harness (tests/fuzz/fuzz_fs.py: open, walk, read the start of every file, readlink, xattrs) runs
-through hypothesis on every machine, fed seed images (tests/fstree.make_fuzz_seeds) with bytes
+through hypothesis on every machine, fed seed images (tests/support/fstree.make_fuzz_seeds) with bytes
 flipped, words set to extreme values, or cut short; and through atheris where it is installed
 (required in CI, as tests/test_fuzz.py's harnesses).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require
-from fstree import make_fuzz_seeds
+from support.fstree import make_fuzz_seeds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

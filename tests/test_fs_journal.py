@@ -2,7 +2,7 @@
 
 Two kinds of journals:
 
-- synthesized ones (tests/jbd2lab.py writes them from the format, with its own CRCs), installed
+- synthesized ones (tests/support/jbd2lab.py writes them from the format, with its own CRCs), installed
   into the journal inode of a real ext4 image with needs_recovery set, so that e2fsck
   (``-E journal_only``) replays each one too: the rules (later transactions win, revokes, torn
   transactions, wrap, escapes, the three tag forms, v1/v2/v3 checksums, async commit, stale
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-import jbd2lab as J
+from support import jbd2lab as J
 import pytest
 from conftest import require, require_tool
 from hypothesis import HealthCheck, given, settings

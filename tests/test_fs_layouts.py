@@ -1,4 +1,4 @@
-"""The reader against the kernel: every layout of tests/fstree.py, made by mkfs -d, read as a raw image.
+"""The reader against the kernel: every layout of tests/support/fstree.py, made by mkfs -d, read as a raw image.
 
 The oracle is the kernel's read-only loop mount (lstat of every entry, readlink, listxattr/getxattr,
 sha256 of every file). Each layout is also checked with e2fsprogs (dumpe2fs, debugfs) to hold the
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_root, require_tool
-from fstree import LAYOUTS, assert_same_view, kernel_view, mounted, reader_view
+from support.fstree import LAYOUTS, assert_same_view, kernel_view, mounted, reader_view
 
 import ubdcow
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from conftest import require_root, require_tool
-from fslab import boot, checked
-from fstree import LAYOUTS, assert_same_view, kernel_view, mounted, reader_view
+from support.fslab import boot, checked
+from support.fstree import LAYOUTS, assert_same_view, kernel_view, mounted, reader_view
 
 import ubdcow
 

@@ -2,7 +2,7 @@
 
 The journals here are real metadata changes: a copy of a small ext4 is changed by debugfs (a rename,
 a new folder, a chmod, a removed file), and the blocks that changed (superblock, group descriptors,
-inode table, directory blocks) are written as one transaction (tests/jbd2lab.py's builder) into the
+inode table, directory blocks) are written as one transaction (tests/support/jbd2lab.py's builder) into the
 journal of the unchanged image, with needs_recovery set. Oracles: the kernel's read-only loop mount
 of a copy that ``e2fsck -E journal_only`` replayed (``journal=True``), and the kernel's ``ro,noload``
 mount of the image itself (``journal=False``). The crash of a real guest is tests/test_fs_crash.py's.
@@ -13,10 +13,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import jbd2lab as J
+from support import jbd2lab as J
 import pytest
 from conftest import require_root, require_tool
-from fstree import assert_same_view, kernel_view, mounted, reader_view
+from support.fstree import assert_same_view, kernel_view, mounted, reader_view
 
 import ubdcow
 from ubdcow.errors import JournalError

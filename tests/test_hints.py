@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool, run_cli, unpack_case
-from nbdlab import require_nbd
+from support.nbdlab import require_nbd
 
 import ubdcow
 import ubdcow.errors

@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 from conftest import require_tool, run_cli
-from nbdlab import Server, require_nbd
+from support.nbdlab import Server, require_nbd
 from test_engine_uml import _kill_group, _wait_for
-from uml import run_guest, ubd_arg
+from support.uml import run_guest, ubd_arg
 
 import ubdcow
 

@@ -126,3 +126,21 @@ def test_counting_a_huge_sparse_bitmap(tmp_path, layout):
     assert facts["cow_bytes"] == 11 * 512
     assert facts["sectors"] == size // 512
     assert facts["allocated_size"] < 1 << 20
+
+
+def test_info_is_a_result_and_reads_as_the_dict_it_was(unpack) -> None:
+    """info returns a Result like every other tool (issue 24, item 6): to_dict() is the dict it returned
+    before, and the result still reads as that dict."""
+    from ubdcow._result import Result
+
+    c = unpack("v3-kernel-written")
+    facts = ubdcow.info(c.cow, backing=c.backing)
+    record = facts.to_dict()
+    assert isinstance(facts, Result) and isinstance(record, dict) and type(record) is dict
+    assert list(record) == list(facts) == list(facts.keys())
+    assert facts == record and dict(facts) == record and {**facts} == record
+    assert facts["cow_sectors"] == facts.cow_sectors == record["cow_sectors"]
+    assert facts["backing"]["mtime_matches"] is True and "file" in facts and "nothing" not in facts
+    with pytest.raises(KeyError):
+        facts["nothing"]
+    assert json.loads(json.dumps(record)) == record

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import require_tool, run_cli
-from nbdlab import require_nbd
+from support.nbdlab import require_nbd
 
 from ubdcow.cli.app import COMMANDS
 

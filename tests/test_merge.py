@@ -327,7 +327,7 @@ def test_sigterm_and_ctrl_c_remove_the_temporary_file(tmp_path, sig, code):
 # -- a real guest boots the merged image ---------------------------------------------
 @pytest.mark.uml
 def test_a_real_guest_reads_the_merged_image_as_a_plain_disk(unpack):
-    from uml import guest
+    from support.uml import guest
 
     c = unpack("v3-odd-size")
     merged = c.dir / "merged.img"

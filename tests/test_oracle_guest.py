@@ -47,7 +47,7 @@ from test_oracle_model import (
     read_header,
     where_differs,
 )
-from uml import dump_devices
+from support.uml import dump_devices
 
 import ubdcow
 

@@ -251,11 +251,11 @@ REPAIR_CHILD = """
 import os, sys, ubdcow, ubdcow._pagewrite
 ubdcow._pagewrite._FILL_BATCH = 250  # many batches (data, fsync, bits): many points to be killed between
 img = ubdcow.open(sys.argv[1], "r+")
-set_durably = img._set_durably
+set_durably = img._writer._set_durably
 def announced(spans):
     set_durably(spans)
     os.write(1, b"B")  # one batch's bits are set
-img._set_durably = announced
+img._writer._set_durably = announced
 os.write(1, b"R")
 img.fill_mixed_pages()
 os.write(1, b"D")

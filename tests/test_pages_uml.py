@@ -17,7 +17,7 @@ writes, and a guest's own 512-byte O_DIRECT writes repaired by
 ``check --repair``. Each must boot in a guest that checks every file's
 sha256 with ordinary buffered reads and logs no ``EXT4-fs error``, and
 each must have no mixed page by a numpy scan of its raw bitmap bytes
-(tests/fslab.py, independent of ubdcow). Observations that are the kernel's
+(tests/support/fslab.py, independent of ubdcow). Observations that are the kernel's
 business, not ubdcow's (does the unrepaired file corrupt the guest?), are
 printed with an ``OBSERVED:`` prefix (``pytest -rP`` or ``-s`` shows them).
 """
@@ -32,13 +32,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import fslab
+from support import fslab
 import numpy as np
 import pytest
 from conftest import run_cli
-from fslab import PAGE, PAGE_SECTORS, SECTOR, Verdict, checked, q
-from uml import kernel as uml_kernel
-from uml import ubd_arg
+from support.fslab import PAGE, PAGE_SECTORS, SECTOR, Verdict, checked, q
+from support.uml import kernel as uml_kernel
+from support.uml import ubd_arg
 
 import ubdcow
 

@@ -25,7 +25,7 @@ import test_oracle_model as spec
 from conftest import Case, assert_one_line_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from uml import FAIL, checked, dump_devices, guest, ubd_arg
+from support.uml import FAIL, checked, dump_devices, guest, ubd_arg
 
 import ubdcow
 from ubdcow._io import punch_hole

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -82,6 +83,40 @@ def test_backing_that_shrinks_under_an_open_image_is_an_error_not_zeros(tmp_path
             img.pread(4096, 600 * 1024)
 
 
+def _replace_fd_of(path: Path, folder: Path) -> None:
+    """Point this process's one descriptor of ``path`` at a folder: its reads then fail with EISDIR."""
+    fds = [int(n) for n in os.listdir("/proc/self/fd") if _link(f"/proc/self/fd/{n}") == str(path)]
+    assert len(fds) == 1, fds
+    other = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.dup2(other, fds[0])
+    finally:
+        os.close(other)
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def test_a_read_error_keeps_its_errno_for_nbd_clients(tmp_path):
+    """Every OSError becomes an ImageIOError through one wrapper that keeps the errno and the file name, so an
+    NBD client gets the real errno (nbd.errno_of), not EIO: a raw disk's read error too (it dropped it)."""
+    from ubdcow.disk import open_disk
+    from ubdcow.nbd import errno_of
+
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(os.urandom(1 << 20))
+    with open_disk(raw) as disk:
+        _replace_fd_of(raw, tmp_path)
+        with pytest.raises(ImageIOError) as info:
+            disk.preadinto(memoryview(bytearray(4096)), 8192)
+    assert info.value.errno == errno.EISDIR and errno_of(info.value) == errno.EISDIR
+    assert str(info.value) == f"{raw}: read error at offset 8192: {os.strerror(errno.EISDIR)}"
+
+
 def test_backing_that_grows_or_is_touched_during_merge_discards_the_output(tmp_path):
     cow, backing = random_image(tmp_path, 4 << 20, dirty=[0, 2 << 20])
     out = tmp_path / "out.img"
@@ -98,7 +133,7 @@ def test_backing_that_grows_or_is_touched_during_merge_discards_the_output(tmp_p
 @pytest.fixture
 def running_guest(tmp_path: Path):
     """A real guest holding /dev/ubdb open on a fresh COW file; yields (cow, backing, pid)."""
-    from uml import run_guest, ubd_arg
+    from support.uml import run_guest, ubd_arg
 
     backing = tmp_path / "b.img"
     backing.write_bytes(os.urandom(2 << 20))

@@ -14,11 +14,11 @@ import os
 import random
 from pathlib import Path
 
-import fslab
+from support import fslab
 import numpy as np
 import pytest
 from conftest import Case, require_root
-from nbdlab import (
+from support.nbdlab import (
     Server,
     ext4_overlay,
     fuse_mount,
@@ -30,8 +30,8 @@ from nbdlab import (
     serve_run,
     shell_ok,
 )
-from uml import kernel as uml_kernel
-from uml import ubd_arg
+from support.uml import kernel as uml_kernel
+from support.uml import ubd_arg
 
 import ubdcow
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_tool
-from fslab import checked
-from nbdlab import (
+from support.fslab import checked
+from support.nbdlab import (
     NBD_CMD_TRIM,
     NBD_CMD_WRITE,
     NBD_CMD_WRITE_ZEROES,
@@ -32,8 +32,8 @@ from nbdlab import (
     ubdcow_cmd,
 )
 from test_engine_uml import _kill_group, _posix_locks, _wait_for
-from uml import Guest, run_guest, ubd_arg
-from uml import kernel as uml_kernel
+from support.uml import Guest, run_guest, ubd_arg
+from support.uml import kernel as uml_kernel
 
 import ubdcow
 

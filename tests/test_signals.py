@@ -51,7 +51,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REQUIRE_UML, find_tool, require_tool
-from nbdlab import require_nbd
+from support.nbdlab import require_nbd
 from test_oracle_model import disk as spec_disk
 
 import ubdcow

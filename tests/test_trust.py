@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, require_root, run_cli
-from nbdlab import require_nbd, serve_run, shell_ok
+from support.nbdlab import require_nbd, serve_run, shell_ok
 
 import ubdcow
 from ubdcow.format import make_header

@@ -52,8 +52,9 @@ from .errors import (
 from .extract import ExtractResult, extract
 from .format import CowHeader, make_header, parse_header, read_header
 from .fs import FileStat, FileSystem, open_fs
-from .image import CowFile, CowImage, Extent, open
-from .inspect import info, iter_map, map_image
+from .image import CowFile, CowImage, Extent, Run, open
+from .inspect import Info, info, iter_map
+from .inspect import map_image as map_image  # list(iter_map(...)), for earlier callers
 from .merge import MergeResult, merge
 from .rebase import RebaseResult, rebase
 
@@ -63,7 +64,6 @@ __all__ = [
     "create",
     "info",
     "merge",
-    "map_image",
     "iter_map",
     "check",
     "compare",
@@ -94,6 +94,8 @@ __all__ = [
     "CowImage",
     "CowHeader",
     "Extent",
+    "Run",
+    "Info",
     "make_header",
     "parse_header",
     "read_header",

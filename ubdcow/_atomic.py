@@ -25,7 +25,7 @@ from types import TracebackType
 from . import lock as _lock
 from ._io import fsync_dir, same_file
 from ._signals import deferred, register, release
-from .errors import Fix, ImageIOError, ImageLockedError, OutputError
+from .errors import Fix, ImageLockedError, OutputError, io_error
 
 __all__ = ["AtomicFile", "allowed_bits", "check_output_path", "TMP_SUFFIX"]
 
@@ -181,9 +181,7 @@ class AtomicFile:
                         prefix=f".{base}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=self.directory
                     )
                 except OSError as exc:
-                    raise ImageIOError(
-                        self.path, f"cannot create a file in {self.directory}: {exc.strerror}", errno=exc.errno
-                    ) from None
+                    raise io_error(self.path, exc, f"cannot create a file in {self.directory}") from None
                 self._undo = register(self.abort)
             return self
         except BaseException:  # a signal raised as the section ends: __exit__ will not run, so remove it here
@@ -207,7 +205,7 @@ class AtomicFile:
                 self._link_no_replace()
             fsync_dir(self.directory)
         except OSError as exc:
-            raise ImageIOError(self.path, f"cannot finish writing: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(self.path, exc, "cannot finish writing") from None
         self.committed = True
 
     def _set_owner_and_mode(self) -> None:

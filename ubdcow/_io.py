@@ -1,4 +1,4 @@
-"""Low-level file helpers: safe opens, full positional I/O, holes, in-kernel copies."""
+"""Low-level file helpers: safe opens, full positional I/O, holes (SEEK_DATA, FIEMAP), in-kernel copies."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import stat
 import struct
 from collections.abc import Iterator
 
-from .errors import ImageIOError, UbdCowError
+import numpy as np
+
+from .errors import ImageIOError, UbdCowError, io_error
 
 __all__ = [
     "open_file",
@@ -21,6 +23,8 @@ __all__ = [
     "pwrite_all",
     "punch_hole",
     "Segments",
+    "written_extents",
+    "split_data",
     "copy_range",
     "clone_range",
     "clone_block",
@@ -108,7 +112,7 @@ def read_at(fd: int, buf: memoryview, offset: int, name: str | os.PathLike[str])
     try:
         return pread_into(fd, buf, offset)
     except OSError as exc:
-        raise ImageIOError(name, f"read error at offset {offset}: {exc.strerror}", errno=exc.errno) from None
+        raise io_error(name, exc, f"read error at offset {offset}") from None
 
 
 def pwrite_all(fd: int, buffers: list[memoryview | bytes], offset: int) -> int:
@@ -200,6 +204,103 @@ class Segments:
             self.lo, self.hi, self.is_data = pos, os.lseek(self.fd, pos, os.SEEK_HOLE), True
 
 
+# FIEMAP (linux/fiemap.h): struct fiemap is 32 bytes, then fm_extent_count struct fiemap_extent
+_FS_IOC_FIEMAP = 0xC020660B
+_FIEMAP_HEAD = struct.Struct("=QQIIII")  # fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count, reserved
+_FIEMAP_EXTENT = np.dtype(
+    [
+        ("logical", "<u8"),
+        ("physical", "<u8"),
+        ("length", "<u8"),
+        ("reserved", "<u8", 2),
+        ("flags", "<u4"),
+        ("reserved32", "<u4", 3),
+    ]
+)
+_FIEMAP_EXTENT_LAST = 0x1
+_FIEMAP_EXTENT_UNWRITTEN = 0x800  # allocated, reads as zeros unless the page cache holds data: not trusted
+_FIEMAP_BATCH = 4096
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def written_extents(fd: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Byte ranges ``[starts, ends)`` of the file, sorted and coalesced, that FIEMAP reports as written
+    extents (allocated or delayed allocation) overlapping [start, end); None where FIEMAP does not work.
+
+    Only the positive answer is trusted: a range inside these extents (and inside the file) is data for
+    SEEK_DATA too. Anything else — unwritten extents, apparent holes — must be asked with SEEK_DATA/SEEK_HOLE.
+    """
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    pos = start
+    buf = bytearray(_FIEMAP_HEAD.size + _FIEMAP_EXTENT.itemsize * _FIEMAP_BATCH)
+    while pos < end:
+        _FIEMAP_HEAD.pack_into(buf, 0, pos, end - pos, 0, 0, _FIEMAP_BATCH, 0)
+        try:
+            fcntl.ioctl(fd, _FS_IOC_FIEMAP, buf, True)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
+                return None
+            raise
+        mapped = _FIEMAP_HEAD.unpack_from(buf)[3]
+        if mapped == 0:
+            break
+        ext = np.frombuffer(buf, dtype=_FIEMAP_EXTENT, count=mapped, offset=_FIEMAP_HEAD.size)
+        written = ext[(ext["flags"] & _FIEMAP_EXTENT_UNWRITTEN) == 0]
+        starts.append(written["logical"].astype(np.int64))
+        ends.append((written["logical"] + written["length"]).astype(np.int64))
+        last = ext[-1]
+        if last["flags"] & _FIEMAP_EXTENT_LAST or mapped < _FIEMAP_BATCH:
+            break
+        pos = max(pos + 1, int(last["logical"]) + int(last["length"]))
+    if not starts:
+        return _EMPTY, _EMPTY
+    s, e = np.concatenate(starts), np.concatenate(ends)
+    if s.size > 1:  # coalesce touching extents
+        joined = np.flatnonzero(s[1:] > np.maximum.accumulate(e)[:-1]) + 1
+        first = np.concatenate(([0], joined))
+        last_end = np.maximum.accumulate(e)[np.concatenate((joined - 1, [s.size - 1]))]
+        s, e = s[first], last_end
+    return s, e
+
+
+def split_data(
+    fd: int, starts: np.ndarray, ends: np.ndarray, shift: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split the ranges ``[starts, ends)`` (sorted, disjoint) of a file at ``+ shift`` into data and holes.
+
+    Returns ``(starts, ends, is_data)`` of the pieces, in the input's coordinates and order. The answer is
+    SEEK_DATA/SEEK_HOLE's (holes past the end of the file, everything data where the filesystem cannot
+    tell); ranges that FIEMAP shows inside written extents are answered without asking it per range.
+    """
+    if starts.size == 0:
+        return _EMPTY, _EMPTY, np.empty(0, dtype=bool)
+    size = file_size(fd)
+    a, b = starts + shift, ends + shift
+    covered = np.zeros(starts.size, dtype=bool)
+    written = written_extents(fd, int(a[0]), min(int(b[-1]), size))
+    if written is not None and written[0].size:
+        ws, we = written[0], np.minimum(written[1], size)
+        i = np.minimum(np.searchsorted(we, a, side="right"), ws.size - 1)  # the first extent ending after a
+        covered = (ws[i] <= a) & (we[i] >= b)
+    if covered.all():
+        return starts, ends, np.ones(starts.size, dtype=bool)
+    segments = Segments(fd)
+    piece_starts: list[int] = []
+    piece_ends: list[int] = []
+    piece_data: list[bool] = []
+    for k in np.flatnonzero(~covered).tolist():
+        for x, y, is_data in segments(int(a[k]), int(b[k])):
+            piece_starts.append(x - shift)
+            piece_ends.append(y - shift)
+            piece_data.append(is_data)
+    out_s = np.concatenate((starts[covered], np.array(piece_starts, dtype=np.int64)))
+    out_e = np.concatenate((ends[covered], np.array(piece_ends, dtype=np.int64)))
+    out_d = np.concatenate((np.ones(int(covered.sum()), dtype=bool), np.array(piece_data, dtype=bool)))
+    order = np.argsort(out_s, kind="stable")
+    return out_s[order], out_e[order], out_d[order]
+
+
 def start_writeback(fd: int) -> None:
     """Start writing a file's dirty pages to disk without waiting (sync_file_range), where Linux can.
 
@@ -214,37 +315,60 @@ def start_writeback(fd: int) -> None:
 _copy_file_range_ok = hasattr(os, "copy_file_range")
 
 
-def copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int, buf: bytearray | None = None) -> None:
-    """Copy ``length`` bytes between files: ``copy_file_range`` when the kernel can, else buffered.
+#: errors by which copy_file_range says it cannot copy between these files (the copy then goes through memory)
+NO_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM})
 
-    A source that ends early raises ``EIO`` naming the offset: the caller
-    checked its size, so a short source means it changed under us.
+
+def copy_range(
+    src: int,
+    src_off: int,
+    dst: int,
+    dst_off: int,
+    length: int,
+    buf: bytearray | None = None,
+    *,
+    data: memoryview | None = None,
+) -> bool:
+    """Copy ``length`` bytes between files: ``copy_file_range`` when the kernel can, else through memory.
+
+    ``data``: the bytes, when the caller has read them already (merge's writer): where the kernel cannot
+    copy, or the source ends early, they are written instead. Without it, a source that ends early raises
+    ``EIO`` naming the offset: the caller checked its size, so a short source means it changed under us.
+    Returns False when ``copy_file_range`` cannot copy between these files (the caller may stop asking).
     """
     global _copy_file_range_ok
     end = src_off + length
-    while _copy_file_range_ok and src_off < end:
+    in_kernel = _copy_file_range_ok
+    while in_kernel and src_off < end:
         try:
             n = os.copy_file_range(src, dst, min(end - src_off, COPY_CHUNK), src_off, dst_off)
         except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
-                _copy_file_range_ok = exc.errno not in (errno.ENOSYS,)
-                break
-            raise
+            if exc.errno not in NO_COPY:
+                raise
+            _copy_file_range_ok = exc.errno != errno.ENOSYS
+            in_kernel = False
+            break
         if n == 0:
-            raise OSError(errno.EIO, f"unexpected end of file at offset {src_off}")
+            if data is None:
+                raise OSError(errno.EIO, f"unexpected end of file at offset {src_off}")
+            break
         src_off += n
         dst_off += n
     if src_off >= end:
-        return
+        return in_kernel
+    if data is not None:
+        pwrite_all(dst, [data[len(data) - (end - src_off) :]], dst_off)
+        return in_kernel
     view = memoryview(buf if buf is not None else bytearray(min(BUFFER, end - src_off)))
     while src_off < end:
         chunk = view[: min(len(view), end - src_off)]
-        n = pread_into(src, chunk, src_off)
-        if n < len(chunk):
-            raise OSError(errno.EIO, f"unexpected end of file at offset {src_off + n}")
+        got = pread_into(src, chunk, src_off)
+        if got < len(chunk):
+            raise OSError(errno.EIO, f"unexpected end of file at offset {src_off + got}")
         pwrite_all(dst, [chunk], dst_off)
-        src_off += n
-        dst_off += n
+        src_off += got
+        dst_off += got
+    return in_kernel
 
 
 def _iow(kind: int, number: int, size: int) -> int:

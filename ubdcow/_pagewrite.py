@@ -1,5 +1,5 @@
-"""The write path of :class:`ubdcow.image.CowImage`, as a mixin: page-granular writes, zeroing and
-discards, and making mixed pages whole.
+"""The write path of :class:`ubdcow.image.CowImage`: page-granular writes, zeroing and discards, and
+making mixed pages whole.
 
 Writes extend to whole 4 KiB pages of the virtual disk, filled from the
 current content, write the data, and only then set the bits: every page a
@@ -9,19 +9,19 @@ and backing sectors).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._cowfile import _SHIFT
 from ._io import punch_hole, pwrite_all
-from .bitmap import PAGE_SECTORS, PAGE_SIZE, Bitmap
-from .errors import ImageIOError, ImageRangeError, UnrecordableWriteError
-from .format import SECTOR_SIZE, CowHeader
+from ._readpath import Reader
+from .cowfile import CowFile
+from .errors import ImageRangeError, UnrecordableWriteError, io_error
+from .format import PAGE_SECTORS, PAGE_SHIFT, PAGE_SIZE, SECTOR_SHIFT, SECTOR_SIZE
+from .lock import SharedLock
 
-_PAGE_SHIFT = 12  # log2(PAGE_SIZE)
+__all__ = ["PageWriter", "write_clear_sectors"]
+
 _ZERO_CHUNK = 8 << 20
 # mixed pages whose data is written before one fsync and their bits
 _FILL_BATCH = 4096
@@ -46,35 +46,45 @@ def write_clear_sectors(fd: int, page: memoryview, bits: list[bool], at: int) ->
         i = j
 
 
-class _PageWriter:
-    """The writing half of :class:`ubdcow.image.CowImage` (which provides the state and the read path)."""
+class PageWriter:
+    """The write path of an open image: it shares the image's COW file, its :class:`~ubdcow._readpath.Reader`
+    (for the current content of the pages a write completes) and its lock, whose exclusive side it takes.
+    The image checks that it is open for writing before it calls in."""
 
-    name: str
-    mode: str
-    size: int
-    header: CowHeader
-    _fd: int
-    _data_offset: int
-    _bitmap: Bitmap
-    _mutex: contextlib.AbstractContextManager[object]
-    _dirty: bool
+    def __init__(self, cow: CowFile, reader: Reader, lock: SharedLock) -> None:
+        self.cow = cow
+        self.reader = reader
+        self.lock = lock
+        self.name = cow.name
+        self.header = cow.header
+        self.size = cow.header.size
+        self.bitmap = cow.bitmap
+        self.data_offset = cow.header.data_offset
+        #: written since the last flush
+        self.dirty = False
 
-    if TYPE_CHECKING:
+    @property
+    def fd(self) -> int:
+        """The COW file's descriptor (-1 once the image is closed)."""
+        return self.cow.fd
 
-        def _checkClosed(self) -> None: ...
-
-        def _fill(self, view: memoryview, offset: int, *, one_source_tried: bool = False) -> None: ...
-
-        def _read_backing(self, chunk: memoryview, pos: int) -> None: ...
+    def flush(self) -> None:
+        """fsync the COW file if anything was written since the last flush (nothing once it is closed)."""
+        if self.dirty and self.cow.fd >= 0:
+            with self.lock:
+                try:
+                    os.fsync(self.cow.fd)
+                except OSError as exc:
+                    raise io_error(self.name, exc, "cannot flush") from None
+                self.dirty = False
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write ``data`` at ``offset``; the whole range must lie inside the disk."""
-        self._check_writable()
         view = memoryview(data).cast("B")
         n = len(view)
-        self._check_range(offset, n)
+        self.check_range(offset, n)
         if n:
-            with self._mutex:
+            with self.lock:
                 self._write(view, offset)
         return n
 
@@ -84,28 +94,23 @@ class _PageWriter:
         Whole pages are punched; the rest of a partly covered page keeps its
         content and the whole page becomes COW (pages stay whole).
         """
-        self._check_writable()
-        self._check_range(offset, length)
+        self.check_range(offset, length)
         if length == 0:
             return
         end = offset + length
         first = -(-offset // PAGE_SIZE) * PAGE_SECTORS
         # A range reaching the end of the disk covers its partial last page.
         last = self.header.sectors if end == self.size else (end // PAGE_SIZE) * PAGE_SECTORS
-        with self._mutex:
+        with self.lock:
             if first >= last:
                 self._write(memoryview(bytes(length)), offset)
                 return
-            if offset < first << _SHIFT:
-                self._write(memoryview(bytes((first << _SHIFT) - offset)), offset)
-            tail = last << _SHIFT
+            if offset < first << SECTOR_SHIFT:
+                self._write(memoryview(bytes((first << SECTOR_SHIFT) - offset)), offset)
+            tail = last << SECTOR_SHIFT
             if tail < end:
                 self._write(memoryview(bytes(end - tail)), tail)
             self._zero_sectors(first, last)
-
-    def discard(self, offset: int, length: int) -> None:
-        """Discard a range: with the ubd driver it reads as zeros afterwards (same as :meth:`write_zeroes`)."""
-        self.write_zeroes(offset, length)
 
     def fill_mixed_pages(self, progress: Callable[[int], Any] | None = None) -> int:
         """Make every mixed page whole without changing what the disk reads; returns how many there were.
@@ -114,12 +119,11 @@ class _PageWriter:
         data area, fsynced, and only then are its bits set: at any point of a
         crash each sector reads the same bytes. ``progress`` gets bytes of disk scanned.
         """
-        self._check_writable()
         done = 0
         pending: list[list[int]] = []  # coalesced [first, last) sector spans whose data is written
-        with self._mutex:
+        with self.lock:
             scanned = 0
-            for pages, end in self._bitmap.mixed():
+            for pages, end in self.bitmap.mixed():
                 for page in pages.tolist():
                     span = self._fill_page_data(page)
                     if pending and pending[-1][1] == span[0]:
@@ -138,15 +142,15 @@ class _PageWriter:
     def _fill_page_data(self, page: int) -> tuple[int, int]:
         """Copy a page's clear sectors from the backing file into the data area; its sector span."""
         lo = page * PAGE_SECTORS
-        hi = min(lo + PAGE_SECTORS, self._bitmap.nbits)
-        start, stop = lo << _SHIFT, min(hi << _SHIFT, self.size)
+        hi = min(lo + PAGE_SECTORS, self.bitmap.nbits)
+        start, stop = lo << SECTOR_SHIFT, min(hi << SECTOR_SHIFT, self.size)
         buf = memoryview(bytearray(stop - start))
-        self._read_backing(buf, start)
+        self.reader.read_backing(buf, start)
         try:
-            write_clear_sectors(self._fd, buf, self._bitmap.bits(lo, hi).tolist(), self._data_offset + start)
+            write_clear_sectors(self.fd, buf, self.bitmap.bits(lo, hi).tolist(), self.data_offset + start)
         except OSError as exc:
-            raise ImageIOError(self.name, f"write error at offset {start}: {exc.strerror}", errno=exc.errno) from None
-        self._dirty = True
+            raise io_error(self.name, exc, f"write error at offset {start}") from None
+        self.dirty = True
         return lo, hi
 
     def _set_durably(self, spans: list[list[int]]) -> None:
@@ -154,19 +158,15 @@ class _PageWriter:
         if not spans:
             return
         try:
-            os.fsync(self._fd)
+            os.fsync(self.fd)
             for lo, hi in spans:
-                self._bitmap.set_range(lo, hi)
+                self.bitmap.set_range(lo, hi)
         except OSError as exc:
-            raise ImageIOError(self.name, f"cannot make pages whole: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(self.name, exc, "cannot make pages whole") from None
         spans.clear()
 
-    def _check_writable(self) -> None:
-        self._checkClosed()
-        if self.mode != "r+":
-            raise io.UnsupportedOperation(f"{self.name}: opened read-only (use mode 'r+' to write)")
-
-    def _check_range(self, offset: int, length: int) -> None:
+    def check_range(self, offset: int, length: int) -> None:
+        """Refuse a write outside the disk, or on sectors the bitmap has no bit for."""
         if offset < 0 or length < 0:
             raise ValueError("offset and length must be >= 0")
         if offset + length > self.size:
@@ -174,9 +174,9 @@ class _PageWriter:
                 self.name,
                 f"write of {length} bytes at offset {offset} ends past the end of the disk ({self.size} bytes)",
             )
-        last = (offset + length + SECTOR_SIZE - 1) >> _SHIFT
-        if length and last > self._bitmap.nbits:
-            first = max(offset >> _SHIFT, self._bitmap.nbits)
+        last = (offset + length + SECTOR_SIZE - 1) >> SECTOR_SHIFT
+        if length and last > self.bitmap.nbits:
+            first = max(offset >> SECTOR_SHIFT, self.bitmap.nbits)
             raise UnrecordableWriteError(
                 self.name,
                 f"sectors {first}-{last - 1} have no bit in this {self.header.layout} bitmap (the v1/v2 rounding "
@@ -186,18 +186,18 @@ class _PageWriter:
 
     def _page_span(self, offset: int, end: int) -> tuple[int, int]:
         """Sectors ``[first, last)`` of the whole pages that bytes [offset, end) touch (the last page may be short)."""
-        first = (offset >> _PAGE_SHIFT) * PAGE_SECTORS
-        last = min(((end + PAGE_SIZE - 1) >> _PAGE_SHIFT) * PAGE_SECTORS, self.header.sectors)
+        first = (offset >> PAGE_SHIFT) * PAGE_SECTORS
+        last = min(((end + PAGE_SIZE - 1) >> PAGE_SHIFT) * PAGE_SECTORS, self.header.sectors)
         return first, last
 
     def _write(self, view: memoryview, offset: int) -> None:
         """Page-granular write: fill the rest of the pages from the current content, write the data, then
-        the bits (caller holds the mutex). Every page touched ends all set."""
+        the bits (caller holds the lock). Every page touched ends all set."""
         n = len(view)
         end = offset + n
         first, last = self._page_span(offset, end)
-        start = first << _SHIFT
-        stop = min(last << _SHIFT, self.size)
+        start = first << SECTOR_SHIFT
+        stop = min(last << SECTOR_SHIFT, self.size)
         parts: list[memoryview | bytes] = []
         if start < offset:
             parts.append(self._current(start, offset - start))
@@ -205,34 +205,32 @@ class _PageWriter:
         if end < stop:
             parts.append(self._current(end, stop - end))
         try:
-            pwrite_all(self._fd, parts, self._data_offset + start)
-            self._dirty = True
-            self._bitmap.set_range(first, last)
+            pwrite_all(self.fd, parts, self.data_offset + start)
+            self.dirty = True
+            self.bitmap.set_range(first, last)
         except OSError as exc:
-            raise ImageIOError(self.name, f"write error at offset {offset}: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(self.name, exc, f"write error at offset {offset}") from None
 
     def _current(self, offset: int, length: int) -> memoryview:
-        """Current content of less than a page of the disk (caller holds the mutex)."""
+        """Current content of less than a page of the disk (caller holds the lock)."""
         buf = memoryview(bytearray(length))
-        self._fill(buf, offset)
+        self.reader.fill(buf, offset)
         return buf
 
     def _zero_sectors(self, first: int, last: int) -> None:
         """Zero whole sectors [first, last): punch the data area (or write zeros), then set the bits."""
-        start = self._data_offset + (first << _SHIFT)
-        length = (last - first) << _SHIFT
+        start = self.data_offset + (first << SECTOR_SHIFT)
+        length = (last - first) << SECTOR_SHIFT
         try:
             # the zeroed sectors must lie inside the file (as holes), or a set bit would point past its end
-            end = self._data_offset + min(last << _SHIFT, self.size)
-            if os.fstat(self._fd).st_size < end:
-                os.ftruncate(self._fd, end)
-            if not punch_hole(self._fd, start, length):
+            end = self.data_offset + min(last << SECTOR_SHIFT, self.size)
+            if os.fstat(self.fd).st_size < end:
+                os.ftruncate(self.fd, end)
+            if not punch_hole(self.fd, start, length):
                 zeros = bytes(min(_ZERO_CHUNK, length))
                 for pos in range(0, length, len(zeros)):
-                    pwrite_all(self._fd, [zeros[: min(len(zeros), length - pos)]], start + pos)
-            self._dirty = True
-            self._bitmap.set_range(first, last)
+                    pwrite_all(self.fd, [zeros[: min(len(zeros), length - pos)]], start + pos)
+            self.dirty = True
+            self.bitmap.set_range(first, last)
         except OSError as exc:
-            raise ImageIOError(
-                self.name, f"cannot zero sectors {first}-{last - 1}: {exc.strerror}", errno=exc.errno
-            ) from None
+            raise io_error(self.name, exc, f"cannot zero sectors {first}-{last - 1}") from None

@@ -8,7 +8,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Result:
-    """A frozen record; :meth:`as_dict` gives what ``--json`` prints."""
+    """A frozen record; :meth:`as_dict` (or :meth:`to_dict`, the same) gives what ``--json`` prints."""
 
     def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a dict (what ``--json`` prints)."""
         return asdict(self)

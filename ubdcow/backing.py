@@ -9,14 +9,17 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+from dataclasses import dataclass
 
+from . import lock as _lock
 from ._io import file_size, mtime_seconds, open_file, same_file
 from .errors import BackingFileError, BackingMismatchError, Fix
 from .format import CowHeader
 
 __all__ = [
+    "Backing",
+    "attach_backing",
     "backing_candidates",
-    "open_backing",
     "backing_stats",
     "check_backing_file",
     "mismatch_message",
@@ -86,17 +89,10 @@ def backing_stats(
     return found
 
 
-def open_backing(
-    header: CowHeader,
-    cow_path: str,
-    cow_stat: os.stat_result,
-    backing: str | os.PathLike[str] | None = None,
-) -> tuple[int, str, os.stat_result, int]:
-    """Open the backing file read-only: ``(fd, path, stat, size)``.
-
-    ``backing`` overrides the recorded path. Raises :class:`BackingFileError`
-    when it is missing, unusable or the COW file itself.
-    """
+def _open_backing(
+    header: CowHeader, cow_path: str, cow_stat: os.stat_result, backing: str | os.PathLike[str] | None
+) -> Backing:
+    """Open the backing file read-only (see :func:`attach_backing`)."""
     if backing is not None:
         candidates = [os.fspath(backing)]
     elif not header.backing_file:
@@ -125,7 +121,7 @@ def open_backing(
         except OSError as exc:
             os.close(fd)
             raise BackingFileError(report_as or path, f"cannot read the size of {what}: {exc.strerror}") from None
-        return fd, path, st, size
+        return Backing(fd, path, st, size)
     if backing is not None:
         raise BackingFileError(candidates[0], "backing file not found")
     tried = ", ".join(candidates)
@@ -133,3 +129,63 @@ def open_backing(
     if candidates != [header.backing_file]:
         message += f" (tried {tried})"
     raise BackingFileError(cow_path, message, fixes=(Fix("if it moved, name it", (("backing", "PATH"),)),))
+
+
+@dataclass
+class Backing:
+    """An open backing file (read-only): its descriptor, the path it was found at, its stat and size."""
+
+    fd: int
+    path: str
+    stat: os.stat_result
+    size: int
+
+    @property
+    def mtime(self) -> int:
+        """Whole-second mtime, as the kernel compares it with the header's."""
+        return mtime_seconds(self.stat)
+
+    def mismatch(self, header: CowHeader) -> str | None:
+        """The kernel's complaint about this file as the backing file of ``header``, or None if it fits."""
+        return mismatch_message(header, self.size, self.mtime)
+
+    def close(self) -> None:
+        """Close the file (dropping its lock); idempotent."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Backing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach_backing(
+    header: CowHeader,
+    cow_path: str,
+    cow_stat: os.stat_result,
+    backing: str | os.PathLike[str] | None = None,
+    *,
+    check: bool = True,
+    lock: bool = False,
+) -> Backing:
+    """Open the backing file of a COW file read-only, check it and lock it, as the kernel would.
+
+    ``backing`` overrides the recorded path (looked for as :func:`backing_candidates` says). Raises
+    :class:`BackingFileError` when it is missing, unusable or the COW file itself; with ``check``,
+    :class:`BackingMismatchError` unless its size and whole-second mtime match the header; with
+    ``lock``, :class:`~ubdcow.ImageLockedError` unless it takes a read lock (what a guest's write lock
+    on the same file would refuse). Nothing stays open when it raises.
+    """
+    found = _open_backing(header, cow_path, cow_stat, backing)
+    try:
+        if check:
+            check_backing_file(header, cow_path, found.path, found.stat, found.size)
+        if lock:
+            _lock.lock(found.fd, found.path, exclusive=False, what="backing file")
+    except BaseException:
+        found.close()
+        raise
+    return found

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from ._io import pread_into, pwrite_all
+from .format import PAGE_SECTORS, PAGE_SIZE
 
-__all__ = ["Bitmap", "iter_runs", "popcount", "window_stats", "PAGE_SECTORS", "PAGE_SIZE"]
+__all__ = ["Bitmap", "iter_runs", "unpack_bits", "popcount", "window_stats", "PAGE_SECTORS", "PAGE_SIZE"]
 
 #: Bytes of bitmap looked at per step of a scan (8 Mi sectors, 4 GiB of disk).
 WINDOW = 1 << 20
@@ -22,11 +23,6 @@ CHUNK = 1 << 16
 CACHE_CHUNKS = 64
 # Below this many bits, runs are found with Python integers (cheaper than numpy).
 _SMALL = 4096
-
-#: Sectors in a 4 KiB page of the virtual disk: one bitmap byte. The Linux ubd driver misreads a page
-#: whose bits are mixed (some set, some clear) in multi-page requests, so writers keep pages whole.
-PAGE_SECTORS = 8
-PAGE_SIZE = 4096
 
 Run = tuple[int, int, bool]
 
@@ -157,6 +153,17 @@ def iter_runs(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: 
         yield lo + s, e - s, bool(v)
 
 
+def unpack_bits(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, top: int, hi: int) -> np.ndarray:
+    """Bits [lo, hi) of ``buf`` (whose bit 0 is bit ``first_bit``) as a bool array, the bits from ``top`` on
+    clear (``buf`` must cover [lo, top))."""
+    out = np.zeros(hi - lo, dtype=bool)
+    if lo < top:
+        a = lo // 8 - first_bit // 8
+        arr = np.frombuffer(buf, dtype=np.uint8, count=(top + 7) // 8 - lo // 8, offset=a)
+        out[: top - lo] = np.unpackbits(arr, bitorder="little")[lo % 8 : lo % 8 + top - lo].view(bool)
+    return out
+
+
 class Bitmap:
     """The bitmap of an open COW file, read and written a window at a time.
 
@@ -253,13 +260,11 @@ class Bitmap:
 
     def bits(self, lo: int, hi: int) -> np.ndarray:
         """The bits of sectors [lo, hi) as a bool array (at most one window's worth; clear past ``nbits``)."""
-        out = np.zeros(hi - lo, dtype=bool)
         top = min(hi, self.nbits)
-        if lo < top:
-            buf, base = self.page_bytes(lo // 8, (top + 7) // 8)
-            arr = np.frombuffer(buf, dtype=np.uint8, count=(top + 7) // 8 - lo // 8, offset=lo // 8 - base)
-            out[: top - lo] = np.unpackbits(arr, bitorder="little")[lo % 8 : lo % 8 + top - lo].view(bool)
-        return out
+        if lo >= top:
+            return np.zeros(hi - lo, dtype=bool)
+        buf, base = self.page_bytes(lo // 8, (top + 7) // 8)
+        return unpack_bits(buf, base * 8, lo, top, hi)
 
     def count(self, lo: int = 0, hi: int | None = None) -> int:
         """Number of set (honoured) bits in [lo, hi)."""

@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from . import lock as _lock
-from ._io import Segments, mtime_seconds, pread_into
-from .backing import mismatch_message, open_backing
-from .bitmap import PAGE_SIZE, Bitmap, iter_runs
-from .errors import BackingFileError, CorruptHeaderError, ImageIOError, UnsupportedVersionError
-from .format import HOST_ORDER, SECTOR_SIZE, CowHeader
-from .image import CowFile, CowImage
+from ._io import Segments, pread_into
+from .backing import attach_backing
+from .bitmap import Bitmap, iter_runs
+from .cowfile import CowFile
+from .errors import BackingFileError, CorruptHeaderError, UnsupportedVersionError, io_error
+from .format import HOST_ORDER, PAGE_SIZE, SECTOR_SIZE, CowHeader
+from .image import CowImage
 
 __all__ = ["Finding", "CheckReport", "check", "EXIT_CLEAN", "EXIT_FAILED", "EXIT_CORRUPT", "EXIT_BACKING"]
 
@@ -206,22 +207,20 @@ def _check_backing(
     report: CheckReport, h: CowHeader, cow_path: str, cow_stat: os.stat_result, backing: str | os.PathLike[str] | None
 ) -> None:
     try:
-        fd, path, st, size = open_backing(h, cow_path, cow_stat, backing)
+        found = attach_backing(h, cow_path, cow_stat, backing, check=False)
     except BackingFileError as exc:
         report.add("backing-missing", "error", exc.message if exc.filename == cow_path else str(exc))
         return
-    try:
-        probe = bytearray(1)
-        pread_into(fd, memoryview(probe), 0)
-    except OSError as exc:
-        report.add("backing-unreadable", "error", f"backing file {path} cannot be read: {exc.strerror}")
-        return
-    finally:
-        os.close(fd)
-    message = mismatch_message(h, size, mtime_seconds(st))
+    with found:
+        try:
+            pread_into(found.fd, memoryview(bytearray(1)), 0)
+        except OSError as exc:
+            report.add("backing-unreadable", "error", f"backing file {found.path} cannot be read: {exc.strerror}")
+            return
+    message = found.mismatch(h)
     if message is not None:
-        code = "backing-size" if size != h.size else "backing-mtime"
-        report.add(code, "error", f"{message} {path}: UML will refuse to open this COW file")
+        code = "backing-size" if found.size != h.size else "backing-mtime"
+        report.add(code, "error", f"{message} {found.path}: UML will refuse to open this COW file")
 
 
 def _scan(
@@ -323,7 +322,7 @@ def _check(
         _check_pages(report, bitmap)
         _check_backing(report, h, cow_path, st, backing)
     except OSError as exc:  # an I/O error reading the COW file: the check could not run
-        raise ImageIOError(cow_path, f"cannot check: {exc.strerror}", errno=exc.errno) from None
+        raise io_error(cow_path, exc, "cannot check") from None
     finally:
         cow.close()
     return report

@@ -29,14 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from . import lock as _lock
-from ._cowfile import CowFile
 from ._io import Segments, pread_into, punch_hole, read_at
 from ._result import Result
-from .backing import check_backing_file, open_backing
-from .bitmap import PAGE_SECTORS, PAGE_SIZE, popcount
-from .errors import ImageIOError, UnrecordableWriteError
-from .format import SECTOR_SIZE
+from .backing import attach_backing
+from .bitmap import popcount
+from .cowfile import CowFile
+from .errors import ImageIOError, UnrecordableWriteError, io_error
+from .format import PAGE_SECTORS, PAGE_SIZE, SECTOR_SIZE
 
 __all__ = ["CompactResult", "compact"]
 
@@ -207,8 +206,7 @@ class _Compactor:
             except OSError:
                 done = False
             if not done:
-                got = read_at(cfd, c, base + start, self.cow.name)
-                c[got:] = bytes(n - got)  # past the end of the file: zeros
+                self.cow.read_data(c, start)
                 if read_at(bfd, k, start, self.backing_name) < n:
                     raise ImageIOError(
                         self.backing_name, f"short read at offset {start}: the backing file changed while in use"
@@ -315,7 +313,7 @@ class _Compactor:
                 if not punch_hole(fd, a, b - a):
                     break  # this filesystem cannot punch holes: nothing to give back
         except OSError as exc:
-            raise ImageIOError(self.cow.name, f"cannot compact: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(self.cow.name, exc, "cannot compact") from None
         self.plan = _Plan()
 
     def cut_tail(self) -> int:
@@ -329,7 +327,7 @@ class _Compactor:
                 os.ftruncate(self.cow.fd, data_end)
                 os.fsync(self.cow.fd)
             except OSError as exc:
-                raise ImageIOError(self.cow.name, f"cannot truncate: {exc.strerror}", errno=exc.errno) from None
+                raise io_error(self.cow.name, exc, "cannot truncate") from None
         return length - data_end
 
     def tail_allocated(self) -> int:
@@ -367,15 +365,9 @@ def compact(
     t0 = time.monotonic()
     name = os.fspath(cow_path)
     with CowFile(name, writable=not dry_run, lock=lock) as cow:
-        bfd, backing_name, bst, bsize = open_backing(cow.header, name, cow.stat, backing)
-        try:
-            check_backing_file(cow.header, name, backing_name, bst, bsize)
-            if lock:
-                _lock.lock(bfd, backing_name, exclusive=False, what="backing file")
+        with attach_backing(cow.header, name, cow.stat, backing, lock=lock) as found:
             _refuse_stray_bits(cow)
-            return _run(cow, bfd, backing_name, dry_run, progress, t0)
-        finally:
-            os.close(bfd)
+            return _run(cow, found.fd, found.path, dry_run, progress, t0)
 
 
 def _run(
@@ -386,7 +378,7 @@ def _run(
         # blocks the filesystem adds when it writes them
         os.fsync(cow.fd)
     except OSError as exc:
-        raise ImageIOError(cow.name, f"cannot flush: {exc.strerror}", errno=exc.errno) from None
+        raise io_error(cow.name, exc, "cannot flush") from None
     st = os.fstat(cow.fd)
     allocated_before, apparent_before = st.st_blocks * 512, st.st_size
     job = _Compactor(cow, bfd, backing_name, dry_run)

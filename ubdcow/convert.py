@@ -20,14 +20,13 @@ from typing import Any
 import numpy as np
 
 from ._atomic import AtomicFile, check_output_path
-from ._io import Segments, copy_range, mtime_seconds, pwrite_all, read_at
+from ._io import copy_range, pwrite_all, read_at
 from ._pagewrite import write_clear_sectors
 from ._result import Result
-from .backing import backing_stats, mismatch_message, open_backing
-from .bitmap import PAGE_SECTORS, PAGE_SIZE
-from .errors import BackingFileError, ImageIOError, UnrecordableWriteError
-from .format import HOST_ORDER, SECTOR_SIZE, CowHeader, Layout
-from .image import CowFile
+from .backing import attach_backing, backing_stats
+from .cowfile import CowFile
+from .errors import BackingFileError, ImageIOError, UnrecordableWriteError, io_error
+from .format import HOST_ORDER, PAGE_SECTORS, PAGE_SIZE, SECTOR_SIZE, CowHeader, Layout
 
 __all__ = ["ConvertResult", "convert"]
 
@@ -119,7 +118,7 @@ def convert(
                         _fill_pages(src, bfd, bpath, target, out.fd)
                     _copy_bits(src, target, out.fd, whole=bfd >= 0)
                 except OSError as exc:
-                    raise ImageIOError(output, f"cannot write: {exc.strerror}", errno=exc.errno) from None
+                    raise io_error(output, exc, "cannot write") from None
                 out.commit()
         finally:
             if bfd >= 0:
@@ -135,34 +134,28 @@ def _usable_backing(src: CowFile, backing: str | os.PathLike[str] | None) -> tup
     A backing file the caller named must be usable: its problems raise.
     """
     try:
-        fd, path, st, size = open_backing(src.header, src.name, src.stat, backing)
+        found = attach_backing(src.header, src.name, src.stat, backing, check=False)
     except BackingFileError as exc:
         if backing is not None:
             raise
         return -1, "", exc.message
-    message = mismatch_message(src.header, size, mtime_seconds(st))
+    message = found.mismatch(src.header)
     if message is None:
-        return fd, path, None
-    os.close(fd)
+        return found.fd, found.path, None
+    found.close()
     if backing is not None:
         raise BackingFileError(backing, f"{message}: it cannot be used to fill the mixed pages")
-    return -1, "", f"{message} {path}"
+    return -1, "", f"{message} {found.path}"
 
 
 def _copy_data(src: CowFile, target: CowHeader, out_fd: int, progress: Callable[[int], Any] | None) -> None:
-    """Copy the data of set sectors (holes stay holes), before any bit is written."""
-    base = src.header.data_offset
-    segments = Segments(src.fd)
-    for start, length, source in src.extents():
-        if source == "cow":
-            end = min(base + start + length, base + src.header.sectors * SECTOR_SIZE)
-            for a, b, is_data in segments(base + start, end):
-                if is_data:
-                    b = min(b, src.length)
-                    if b > a:
-                        copy_range(src.fd, a, out_fd, target.data_offset + (a - base), b - a)
+    """Copy the data of set sectors before any bit is written (holes, and set bits past the end of the
+    file, stay holes)."""
+    for run in src.runs(holes=True):
+        if run.source == "cow":
+            copy_range(src.fd, run.offset, out_fd, target.data_offset + run.start, run.length)
         if progress is not None:
-            progress(length)
+            progress(run.length)
 
 
 def _fill_pages(src: CowFile, backing_fd: int, backing_path: str, target: CowHeader, out_fd: int) -> None:

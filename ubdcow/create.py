@@ -7,7 +7,7 @@ import shlex
 
 from ._atomic import AtomicFile, check_output_path
 from ._io import file_size, mtime_seconds, open_file, pwrite_all
-from .errors import BackingFileError, ImageIOError, UbdCowError
+from .errors import BackingFileError, UbdCowError, io_error
 from .format import SECTOR_SIZE, CowHeader, Layout, make_header
 
 __all__ = ["create", "absolute_backing_path", "backing_record"]
@@ -82,6 +82,6 @@ def create(
             pwrite_all(out.fd, [header.to_bytes()], 0)
             os.ftruncate(out.fd, header.file_size)
         except OSError as exc:
-            raise ImageIOError(cow_path, f"cannot write: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(cow_path, exc, "cannot write") from None
         out.commit()
     return header

@@ -22,7 +22,7 @@ from ._result import Result
 from .bitmap import PAGE_SECTORS, PAGE_SIZE
 from .create import backing_record
 from .disk import Disk, open_disk
-from .errors import BackingFileError, ImageIOError
+from .errors import BackingFileError, ImageIOError, io_error
 from .format import SECTOR_SIZE, has_cow_magic, make_header
 
 __all__ = ["DiffResult", "diff"]
@@ -93,7 +93,7 @@ def diff(
                         progress,
                     )
                 except OSError as exc:
-                    raise ImageIOError(output, f"cannot write: {exc.strerror}", errno=exc.errno) from None
+                    raise io_error(output, exc, "cannot write") from None
                 out.commit()
     finally:
         os.close(bfd)

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 
 from ._io import file_size, open_file, pread_into
-from .errors import ImageIOError
+from .errors import io_error
 from .format import has_cow_magic
 from .image import CowImage
 
@@ -59,7 +59,7 @@ def open_disk(
         head = os.pread(fd, 4, 0)
     except OSError as exc:
         os.close(fd)
-        raise ImageIOError(path, f"cannot read: {exc.strerror}") from None
+        raise io_error(path, exc, "cannot read") from None
     if has_cow_magic(head):
         os.close(fd)
         img = CowImage(path, "r", backing=backing, check_backing=check_backing, lock=lock)
@@ -71,6 +71,6 @@ def open_disk(
         try:
             return pread_into(fd, view[: max(0, min(len(view), size - offset))], offset)
         except OSError as exc:
-            raise ImageIOError(path, f"read error at offset {offset}: {exc.strerror}") from None
+            raise io_error(path, exc, f"read error at offset {offset}") from None
 
     return Disk(path, size, read, lambda: os.close(fd), "raw", {"image": st})

@@ -20,13 +20,12 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from ._cowfile import CowFile
 from ._io import mtime_seconds, open_file
 from ._result import Result
 from .backing import backing_candidates, mismatch_hint, mismatch_message
+from .cowfile import CowFile
 from .errors import NotACowFileError, UbdCowError
 from .format import CowHeader, read_header_from
-from .inspect import cow_bytes
 
 __all__ = ["Overlay", "Group", "Unreadable", "DuReport", "du", "find_cow_files"]
 
@@ -171,7 +170,7 @@ class _Backings:
         return self._stats[path]
 
     def find(self, header: CowHeader, cow_path: str) -> tuple[str, os.stat_result] | None:
-        """The first existing file the recorded path resolves to (as ``open_backing`` looks for it)."""
+        """The first existing file the recorded path resolves to (as ``attach_backing`` looks for it)."""
         if not header.backing_file:
             return None
         for candidate in backing_candidates(header, cow_path):
@@ -211,8 +210,7 @@ def _overlay(
 
 def _written(path: str) -> int:
     with CowFile(path, lock=False, require_io=False) as cow:
-        count = cow.bitmap.count()
-        return cow_bytes(cow.header, count, cow.bitmap.test(cow.header.sectors - 1))
+        return cow.cow_bytes()
 
 
 def du(paths: Iterable[str | os.PathLike[str]] = (".",), *, written: bool = False) -> DuReport:

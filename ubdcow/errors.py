@@ -221,7 +221,11 @@ class FsIsADirectoryError(FsPathError, IsADirectoryError):
 
 
 def io_error(filename: str | os.PathLike[str], exc: OSError, what: str | None = None) -> ImageIOError:
-    """Wrap an :class:`OSError` as an :class:`ImageIOError` with one clear line."""
+    """Wrap an :class:`OSError` as an :class:`ImageIOError`: ``<file>: <what>: <reason>``, keeping its errno.
+
+    The one wrapper every caller uses (``raise io_error(name, exc, "cannot flush") from None``), so that no
+    error loses its errno: the NBD plugin hands it to clients (``nbd.errno_of``).
+    """
     reason = exc.strerror or str(exc)
     message = f"{what}: {reason}" if what else reason
     return ImageIOError(filename, message, errno=exc.errno)

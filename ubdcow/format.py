@@ -36,6 +36,10 @@ from .errors import (
 __all__ = [
     "MAGIC",
     "SECTOR_SIZE",
+    "SECTOR_SHIFT",
+    "PAGE_SIZE",
+    "PAGE_SHIFT",
+    "PAGE_SECTORS",
     "LAYOUTS",
     "MAX_HEADER_SIZE",
     "CowHeader",
@@ -51,8 +55,14 @@ __all__ = [
 ]
 
 MAGIC = 0x4F4F4F4D
-#: The unit of the kernel's bitmap and data area, whatever the header says.
+#: The unit of the kernel's bitmap and data area, whatever the header says: one bit, 512 bytes of data.
 SECTOR_SIZE = 512
+SECTOR_SHIFT = 9
+#: A 4 KiB page of the virtual disk: 8 sectors, one bitmap byte. The Linux ubd driver misreads a page whose
+#: bits are mixed (some set, some clear) in multi-page requests, so every writer keeps pages whole.
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+PAGE_SECTORS = 8
 MAX_OFFSET = 2**63 - 1
 
 Layout = Literal["v1", "v2", "v3", "v3-broken"]

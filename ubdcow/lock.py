@@ -1,4 +1,5 @@
-"""Whole-file fcntl locks that interoperate with a running UML guest.
+"""Whole-file fcntl locks that interoperate with a running UML guest, and the readers-writer lock of an
+open image's threads.
 
 The kernel's ubd driver holds a POSIX write lock on the COW file and a read
 lock on the backing file. ubdcow uses open-file-description locks
@@ -12,10 +13,11 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 
-from .errors import Fix, ImageIOError, ImageLockedError
+from .errors import Fix, ImageLockedError, io_error
 
-__all__ = ["lock", "holder", "held", "describe_holder"]
+__all__ = ["lock", "holder", "held", "describe_holder", "SharedLock"]
 
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
@@ -136,7 +138,7 @@ def lock(fd: int, filename: str | os.PathLike[str], *, exclusive: bool, what: st
         return
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EAGAIN):
-            raise ImageIOError(filename, f"cannot lock {what}: {exc.strerror}", errno=exc.errno) from None
+            raise io_error(filename, exc, f"cannot lock {what}") from None
     _, pid = holder(fd, exclusive)
     mode = "writing" if exclusive else "reading"
     raise ImageLockedError(
@@ -146,3 +148,61 @@ def lock(fd: int, filename: str | os.PathLike[str], *, exclusive: bool, what: st
         fixes=(Fix("or, if you are sure nothing writes it, skip the lock", (("no_lock", None),)),),
         pid=pid,
     )
+
+
+class SharedLock:
+    """A readers-writer lock: reads share it; writes, flush and close take it alone.
+
+    Used as a context manager it is the exclusive side (what the write path
+    takes); :meth:`acquire_shared`/:meth:`release_shared`
+    are the readers' side. A writer closes the gate to new readers, then
+    waits for the readers inside to leave, so writers are not starved. The
+    readers inside are counted in a list (``append`` and ``pop`` are atomic),
+    so a read costs one uncontended lock round trip.
+    """
+
+    def __init__(self) -> None:
+        self._gate = threading.Lock()
+        self._readers: list[None] = []
+        self._drained = threading.Condition(threading.Lock())
+        self._writer_waiting = False
+
+    def acquire_shared(self) -> None:
+        """Enter as a reader (waits while a writer holds the lock or waits for it)."""
+        with self._gate:
+            self._readers.append(None)
+
+    def release_shared(self) -> None:
+        """Leave as a reader."""
+        self._readers.pop()
+        if self._writer_waiting and not self._readers:
+            with self._drained:
+                self._drained.notify_all()
+
+    def acquire(self) -> None:
+        """Take the lock alone: no new reader gets in, then wait for the readers inside to leave."""
+        self._gate.acquire()
+        if not self._readers:
+            return
+        try:
+            with self._drained:
+                self._writer_waiting = True
+                try:
+                    while self._readers:
+                        self._drained.wait()
+                finally:
+                    self._writer_waiting = False
+        except BaseException:
+            self._gate.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the exclusive side."""
+        self._gate.release()
+
+    def __enter__(self) -> SharedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

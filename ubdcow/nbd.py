@@ -35,6 +35,7 @@ from ubdcow.errors import (
     UbdCowError,
     UnrecordableWriteError,
 )
+from ubdcow.format import PAGE_SIZE
 from ubdcow.image import CowImage
 
 try:
@@ -53,7 +54,7 @@ EXTENT_ZERO = 2
 ZERO = EXTENT_HOLE | EXTENT_ZERO
 FUA_EMULATE = 1
 THREAD_MODEL_SERIALIZE_REQUESTS = 2
-PAGE = 4096
+PAGE = PAGE_SIZE
 #: the most of the disk one extents request looks at (256 MiB: 64 KiB of bitmap)
 EXTENTS_SCAN = 256 << 20
 

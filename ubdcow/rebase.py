@@ -23,7 +23,7 @@ import numpy as np
 from ._io import file_size, open_file, pwrite_all, read_at, same_file
 from ._result import Result
 from .create import backing_record
-from .errors import BackingFileError, BackingMismatchError, Fix, ImageIOError, UnrecordableWriteError
+from .errors import BackingFileError, BackingMismatchError, Fix, UnrecordableWriteError, io_error
 from .format import SECTOR_SIZE, CowHeader
 from .image import CowFile, CowImage
 
@@ -69,7 +69,7 @@ def _write_header(fd: int, cow_path: str, header: CowHeader) -> None:
         pwrite_all(fd, [data], 0)
         os.fsync(fd)
     except OSError as exc:
-        raise ImageIOError(cow_path, f"cannot write the header: {exc.strerror}", errno=exc.errno) from None
+        raise io_error(cow_path, exc, "cannot write the header") from None
 
 
 def _differing_runs(img: CowImage, new_fd: int, new_name: str, start: int, length: int) -> list[tuple[int, int]]:

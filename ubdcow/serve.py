@@ -297,19 +297,7 @@ def serve(
     (SIGTERM, so that it flushes and releases its locks) before propagating.
     """
     nbdkit = find_nbdkit()
-    if opts.socket is not None and opts.port is not None:
-        raise ServeError(None, "give --socket or --port, not both")
-    check_tls(opts)
-    if opts.socket is not None and os.path.lexists(opts.socket):
-        raise ServeError(opts.socket, "the socket path exists (remove it, or choose another)")
-    if opts.port is not None:
-        check_port(opts.bind, opts.port)
-        if not is_loopback(opts.bind) and not opts.tls and warn is not None:
-            warn(
-                f"warning: serving {opts.cow} on {opts.bind}:{opts.port} without TLS: anyone who can reach it can "
-                "read" + (" and write" if opts.writable else "") + " the disk"
-            )
-    cow_stat, backing_stat = check_image(opts)
+    cow_stat, backing_stat = _check_before_start(opts, warn)
     final = os.path.abspath(opts.socket) if opts.socket is not None else None
     private = staging = None
     proc: subprocess.Popen[bytes] | None = None
@@ -359,6 +347,26 @@ def serve(
         with deferred():
             release(undo)
             clean_up()
+
+
+def _check_before_start(
+    opts: ServeOptions, warn: Callable[[str], object] | None
+) -> tuple[os.stat_result, os.stat_result]:
+    """Everything nbdkit would fail on, checked first with one clear line: the options, TLS files, the socket
+    or port, and the image (its stats and its backing file's, returned)."""
+    if opts.socket is not None and opts.port is not None:
+        raise ServeError(None, "give --socket or --port, not both")
+    check_tls(opts)
+    if opts.socket is not None and os.path.lexists(opts.socket):
+        raise ServeError(opts.socket, "the socket path exists (remove it, or choose another)")
+    if opts.port is not None:
+        check_port(opts.bind, opts.port)
+        if not is_loopback(opts.bind) and not opts.tls and warn is not None:
+            warn(
+                f"warning: serving {opts.cow} on {opts.bind}:{opts.port} without TLS: anyone who can reach it can "
+                "read" + (" and write" if opts.writable else "") + " the disk"
+            )
+    return check_image(opts)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], pidfile: str) -> bool:

@@ -1,6 +1,6 @@
 """atheris harness: the filesystem reader over a fuzzed disk raises only UbdCowError, in bounded time.
 
-    python tests/fuzz/fuzz_fs.py -runs=2000 CORPUS_DIR      # seeds: tests/fstree.make_fuzz_seeds
+    python tests/fuzz/fuzz_fs.py -runs=2000 CORPUS_DIR      # seeds: tests/support/fstree.make_fuzz_seeds
 
 The input is the whole disk (a few hundred KiB: mutated mkfs -d images). The harness opens it, walks
 it, reads the start of every file, every symlink target and every file's extended attributes.

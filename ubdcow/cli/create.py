@@ -27,7 +27,7 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
     if out.json:
         from ..inspect import info
 
-        return out.document(disk_record(args.cow, info(args.cow)), EXIT_OK)
+        return out.document(disk_record(args.cow, info(args.cow).to_dict()), EXIT_OK)
     out.line(f"created {args.cow}: {header.layout} COW file on {header.backing_file} ({out.size(header.size)} virtual)")
     return EXIT_OK
 

@@ -151,7 +151,7 @@ class _Tour:
         import ubdcow
 
         from ..check import check
-        from ..inspect import map_image
+        from ..inspect import iter_map
 
         cow = self.cow
         self.step("info: header, backing status, apparent vs allocated size")
@@ -163,7 +163,7 @@ class _Tour:
 
         self.step("map: where each range of the disk comes from")
         self.run("map", cow)
-        extents = map_image(cow)
+        extents = list(iter_map(cow))
         self.verify(sum(e["length"] for e in extents) == DEMO_SIZE, "the extents cover the whole disk")
         self.verify(any(e["source"] == "zero" for e in extents), "the discard shows as a 'zero' extent")
 

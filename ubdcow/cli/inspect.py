@@ -6,7 +6,7 @@ import argparse
 import itertools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UbdCowError
@@ -44,13 +44,15 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_info(args: argparse.Namespace, out: Output) -> int:
     """``ubdcow info COW ...``: exit 0, or 1 if a file could not be read."""
-    from ..inspect import info
+    from ..inspect import Info, info
 
-    def show(facts: dict[str, Any]) -> int:
+    def show(facts: Info) -> int:
         print_info(facts, out)
         return EXIT_OK
 
-    return several(args.cows, out, lambda path: info(path, backing=args.backing), show, lambda facts: (EXIT_OK, facts))
+    return several(
+        args.cows, out, lambda path: info(path, backing=args.backing), show, lambda facts: (EXIT_OK, facts.to_dict())
+    )
 
 
 def _backing_status(b: dict[str, Any]) -> str:
@@ -61,7 +63,7 @@ def _backing_status(b: dict[str, Any]) -> str:
     return f"PROBLEM: {b['problem']}"
 
 
-def _in_use(facts: dict[str, Any]) -> str:
+def _in_use(facts: Mapping[str, Any]) -> str:
     if not facts["in_use"]:
         return "no"
     who = describe_holder(facts["locked_by"])
@@ -70,7 +72,7 @@ def _in_use(facts: dict[str, Any]) -> str:
     return f"yes, locked by {who}"
 
 
-def print_info(facts: dict[str, Any], out: Output) -> None:
+def print_info(facts: Mapping[str, Any], out: Output) -> None:
     """The human form of :func:`ubdcow.info`'s facts."""
     b = facts["backing"]
     order = f", {facts['byteorder']}-endian" if facts["layout"] == "v1" else ""

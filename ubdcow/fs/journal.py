@@ -29,14 +29,14 @@ All work is bounded by the journal's size: the log cannot be longer than the jou
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import NoReturn
 
 import construct as cs
 import numpy as np
 
 from ..errors import Fix, JournalError
-from . import layout as L
+from . import journal_layout as L
 from .crc import crc32_be, crc32c
 
 __all__ = ["NO_JOURNAL_FIX", "NO_JOURNAL_HINT", "JournalReplay", "journal_error", "replay"]
@@ -64,45 +64,34 @@ def _tid_geq(x: int, y: int) -> bool:
     return ((x - y) & _MASK32) < 0x80000000
 
 
+@dataclass(repr=False, eq=False)
 class JournalReplay:
     """The replayed view: the newest committed copy of each block the journal rewrites."""
 
-    def __init__(
-        self,
-        read_block: Callable[[int], bytes],
-        block_size: int,
-        name: str,
-        mapping: dict[int, int],
-        *,
-        transactions: int = 0,
-        first_transaction: int = 0,
-        end_transaction: int = 0,
-        failed_commit: int | None = None,
-        revoke_records: int = 0,
-        revoke_hits: int = 0,
-        escaped: int = 0,
-        wrapped: bool = False,
-    ) -> None:
-        self._read_block = read_block
-        self._block_size = block_size
-        self._name = name
-        self._mapping = mapping  # fs block -> journal block * 2 + escape flag
-        #: the filesystem blocks the replay replaces
-        self.blocks: frozenset[int] = frozenset(mapping)
-        #: complete transactions replayed
-        self.transactions = transactions
-        #: the first transaction of the log, and the one after the last replayed
-        self.first_transaction = first_transaction
-        self.end_transaction = end_transaction
-        #: a transaction whose commit block failed its checksum (the kernel logs it as corrupt)
-        self.failed_commit = failed_commit
-        #: revoke records read, and tags they kept from being replayed
-        self.revoke_records = revoke_records
-        self.revoke_hits = revoke_hits
-        #: replayed blocks whose first four bytes were escaped (JBD2_FLAG_ESCAPE)
-        self.escaped = escaped
-        #: the replayed log runs past the journal's last block and on from its first
-        self.wrapped = wrapped
+    _read_block: Callable[[int], bytes]
+    _block_size: int
+    _name: str
+    _mapping: dict[int, int]  # fs block -> journal block * 2 + escape flag
+    _: KW_ONLY
+    #: complete transactions replayed
+    transactions: int = 0
+    #: the first transaction of the log, and the one after the last replayed
+    first_transaction: int = 0
+    end_transaction: int = 0
+    #: a transaction whose commit block failed its checksum (the kernel logs it as corrupt)
+    failed_commit: int | None = None
+    #: revoke records read, and tags they kept from being replayed
+    revoke_records: int = 0
+    revoke_hits: int = 0
+    #: replayed blocks whose first four bytes were escaped (JBD2_FLAG_ESCAPE)
+    escaped: int = 0
+    #: the replayed log runs past the journal's last block and on from its first
+    wrapped: bool = False
+    #: the filesystem blocks the replay replaces
+    blocks: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.blocks = frozenset(self._mapping)
 
     def read(self, fs_block: int) -> bytes | None:
         """The replayed content of filesystem block ``fs_block``, or None when the journal has none."""
@@ -149,6 +138,21 @@ class _Scan:
     failed_commit: int | None
 
 
+@dataclass
+class _Cursor:
+    """Where pass 1 is, and what its checks carry from block to block."""
+
+    at: int  # the next journal block
+    next_id: int  # the sequence number the next block must carry
+    consumed: int = 0  # blocks read or stepped over: at most the journal's
+    wrapped: bool = False
+    end: int | None = None  # the first transaction whose commit block failed
+    failed: int | None = None
+    need_check_commit_time: bool = False  # a descriptor or revoke block of this transaction was bad
+    last_commit_time: int = 0
+    crc_sum: int = _MASK32  # v1 transaction checksum (crc32_be)
+
+
 class _Journal:
     """The journal's superblock, its features, and the three recovery passes."""
 
@@ -172,6 +176,28 @@ class _Journal:
             self.fail(f"the journal superblock is a log block (type {sb.h_blocktype})")
         else:
             self.fail(f"unknown journal superblock type {sb.h_blocktype}")
+        self.features(sb, raw[: L.JOURNAL_SUPERBLOCK_SIZE])
+        if sb.s_blocksize != block_size:
+            self.fail(f"the journal's block size {sb.s_blocksize} is not the filesystem's {block_size}")
+        if sb.s_maxlen > nblocks:
+            self.fail(f"the journal superblock says {sb.s_maxlen} blocks, the journal has {nblocks}")
+        self.maxlen = sb.s_maxlen
+        self.first = sb.s_first
+        if self.first == 0 or self.first >= self.maxlen:
+            self.fail(f"the log's first block {self.first} is outside the journal ({self.maxlen} blocks)")
+        self.start = sb.s_start
+        self.sequence = sb.s_sequence
+        if self.start and self.incompat & L.JBD2_FEATURE_INCOMPAT_FAST_COMMIT:
+            self.fail("the journal has fast commits (fast_commit), which ubdcow does not replay")
+        if self.csum3:
+            self.tag_dtype, self.tag_bytes = L.JOURNAL_BLOCK_TAG3, L.JOURNAL_BLOCK_TAG3.itemsize
+        else:
+            self.tag_dtype = L.JOURNAL_BLOCK_TAG64 if self.is64 else L.JOURNAL_BLOCK_TAG32
+            self.tag_bytes = self.tag_dtype.itemsize + (2 if self.csum2 else 0)
+        self.tail = L.JOURNAL_BLOCK_TAIL_SIZE if self.csum else 0
+
+    def features(self, sb: cs.Container, raw: bytes) -> None:
+        """The superblock's features: which checksums (and the superblock's own), 64-bit block numbers."""
         # a v1 superblock has no features (the kernel ignores those fields)
         self.compat = sb.s_feature_compat if self.version == 2 else 0
         self.incompat = sb.s_feature_incompat if self.version == 2 else 0
@@ -195,29 +221,11 @@ class _Journal:
         if self.csum:
             if sb.s_checksum_type != L.JBD2_CRC32C_CHKSUM:
                 self.fail(f"unknown journal checksum type {sb.s_checksum_type}")
-            image = bytearray(raw[: L.JOURNAL_SUPERBLOCK_SIZE])
+            image = bytearray(raw)
             image[L.JOURNAL_SUPERBLOCK_CHECKSUM_OFFSET : L.JOURNAL_SUPERBLOCK_CHECKSUM_OFFSET + 4] = bytes(4)
             if crc32c(image, _MASK32) != sb.s_checksum:
                 self.fail("the journal superblock's checksum is wrong")
             self.seed = crc32c(sb.s_uuid, _MASK32)
-        if sb.s_blocksize != block_size:
-            self.fail(f"the journal's block size {sb.s_blocksize} is not the filesystem's {block_size}")
-        if sb.s_maxlen > nblocks:
-            self.fail(f"the journal superblock says {sb.s_maxlen} blocks, the journal has {nblocks}")
-        self.maxlen = sb.s_maxlen
-        self.first = sb.s_first
-        if self.first == 0 or self.first >= self.maxlen:
-            self.fail(f"the log's first block {self.first} is outside the journal ({self.maxlen} blocks)")
-        self.start = sb.s_start
-        self.sequence = sb.s_sequence
-        if self.start and self.incompat & L.JBD2_FEATURE_INCOMPAT_FAST_COMMIT:
-            self.fail("the journal has fast commits (fast_commit), which ubdcow does not replay")
-        if self.csum3:
-            self.tag_dtype, self.tag_bytes = L.JOURNAL_BLOCK_TAG3, L.JOURNAL_BLOCK_TAG3.itemsize
-        else:
-            self.tag_dtype = L.JOURNAL_BLOCK_TAG64 if self.is64 else L.JOURNAL_BLOCK_TAG32
-            self.tag_bytes = self.tag_dtype.itemsize + (2 if self.csum2 else 0)
-        self.tail = L.JOURNAL_BLOCK_TAIL_SIZE if self.csum else 0
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -277,79 +285,82 @@ class _Journal:
     def scan(self) -> _Scan:
         """Find the end of the log: the transactions whose commit block is there and valid."""
         capacity = self.maxlen - self.first
-        next_id = self.sequence
-        at = self.start
-        consumed = 0
-        wrapped = False
-        end: int | None = None
-        failed: int | None = None
-        need_check_commit_time = False
-        last_commit_time = 0
-        crc_sum = _MASK32  # v1 transaction checksum (crc32_be)
+        c = _Cursor(self.start, self.sequence)
         transactions: dict[int, _Transaction] = {}
         while True:
-            here = at
-            block = self.read(here)
-            at, wrapped = self.wrap(here + 1), wrapped or here + 1 >= self.maxlen
-            consumed += 1
+            here, block = c.at, self.read(c.at)
+            self.advance(c, 1)
             header = np.frombuffer(block, L.JOURNAL_HEADER, count=1)[0]
-            if int(header["h_magic"]) != L.JBD2_MAGIC or int(header["h_sequence"]) != next_id:
+            if int(header["h_magic"]) != L.JBD2_MAGIC or int(header["h_sequence"]) != c.next_id:
                 break
-            if consumed > capacity:  # the kernel would go round for ever
-                self.fail(f"the log is longer than the journal: transaction {next_id} loops at block {here}")
+            if c.consumed > capacity:  # the kernel would go round for ever
+                self.fail(f"the log is longer than the journal: transaction {c.next_id} loops at block {here}")
             blocktype = int(header["h_blocktype"])
-            transaction = transactions.setdefault(next_id, _Transaction(next_id))
+            transaction = transactions.setdefault(c.next_id, _Transaction(c.next_id))
             if blocktype == L.JBD2_DESCRIPTOR_BLOCK:
-                tail_ok = self.tail_ok(block)
-                need_check_commit_time = need_check_commit_time or not tail_ok
-                tags = self.tags(block)
-                transaction.descriptors.append(_Descriptor(here, at, tags, tail_ok))
-                if self.checksum_v1 and not need_check_commit_time and end is None:
-                    crc_sum = crc32_be(block, crc_sum)
-                    for _ in tags:
-                        crc_sum = crc32_be(self.read(at), crc_sum)
-                        at, wrapped = self.wrap(at + 1), wrapped or at + 1 >= self.maxlen
-                else:
-                    wrapped = wrapped or at + len(tags) >= self.maxlen
-                    at = self.wrap(at + len(tags))
-                consumed += len(tags)
+                self.scan_descriptor(c, here, block, transaction)
             elif blocktype == L.JBD2_COMMIT_BLOCK:
-                commit = L.JOURNAL_COMMIT_HEADER.parse(block)
-                if need_check_commit_time:  # a descriptor or revoke block of this transaction was bad
-                    if commit.h_commit_sec >= last_commit_time:
-                        self.fail(f"transaction {next_id} has a descriptor or revoke block with a wrong checksum")
-                    break  # older than the last commit: stale blocks, the log ends here
-                bad = False
-                if self.checksum_v1:
-                    if end is not None:
-                        failed = end
-                        continue
-                    found = commit.h_chksum[0]
-                    if (crc_sum == found and commit.h_chksum_type == L.JBD2_CRC32_CHKSUM
-                            and commit.h_chksum_size == L.JBD2_CRC32_CHKSUM_SIZE) or (
-                            commit.h_chksum_type == 0 and commit.h_chksum_size == 0 and found == 0):  # fmt: skip
-                        crc_sum = _MASK32
-                    else:
-                        bad = True
-                if bad or not self.commit_ok(block):
-                    if commit.h_commit_sec < last_commit_time:
-                        break  # stale
-                    end = next_id
-                    if not self.async_commit:
-                        failed = next_id
-                        continue  # the kernel's scan goes on with the same sequence number
-                last_commit_time = commit.h_commit_sec
-                transaction.wrapped = wrapped
-                next_id = (next_id + 1) & _MASK32
+                if not self.scan_commit(c, block, transaction):
+                    break
             elif blocktype == L.JBD2_REVOKE_BLOCK:
-                need_check_commit_time = need_check_commit_time or not self.tail_ok(block)
+                c.need_check_commit_time = c.need_check_commit_time or not self.tail_ok(block)
                 transaction.revokes.append(here)
             else:
                 break
-        if end is None:
-            end = next_id
+        end = c.next_id if c.end is None else c.end
         replayed = [t for t in transactions.values() if not _tid_geq(t.sequence, end)]
-        return _Scan(replayed, end, failed)
+        return _Scan(replayed, end, c.failed)
+
+    def advance(self, c: _Cursor, n: int) -> None:
+        """Step over ``n`` blocks, wrapping at the journal's end."""
+        c.consumed += n
+        c.wrapped = c.wrapped or c.at + n >= self.maxlen
+        c.at = self.wrap(c.at + n)
+
+    def scan_descriptor(self, c: _Cursor, here: int, block: bytes, transaction: _Transaction) -> None:
+        """Record a descriptor block and step over its data blocks (summing them for the v1 CRC)."""
+        tail_ok = self.tail_ok(block)
+        c.need_check_commit_time = c.need_check_commit_time or not tail_ok
+        tags = self.tags(block)
+        transaction.descriptors.append(_Descriptor(here, c.at, tags, tail_ok))
+        if self.checksum_v1 and not c.need_check_commit_time and c.end is None:
+            c.crc_sum = crc32_be(block, c.crc_sum)
+            for _ in tags:
+                c.crc_sum = crc32_be(self.read(c.at), c.crc_sum)
+                self.advance(c, 1)
+        else:
+            self.advance(c, len(tags))
+
+    def scan_commit(self, c: _Cursor, block: bytes, transaction: _Transaction) -> bool:
+        """Check a commit block and close its transaction; False when the log ends before it."""
+        commit = L.JOURNAL_COMMIT_HEADER.parse(block)
+        if c.need_check_commit_time:  # a descriptor or revoke block of this transaction was bad
+            if commit.h_commit_sec >= c.last_commit_time:
+                self.fail(f"transaction {c.next_id} has a descriptor or revoke block with a wrong checksum")
+            return False  # older than the last commit: stale blocks, the log ends here
+        bad = False
+        if self.checksum_v1:
+            if c.end is not None:
+                c.failed = c.end
+                return True
+            found = commit.h_chksum[0]
+            if (c.crc_sum == found and commit.h_chksum_type == L.JBD2_CRC32_CHKSUM
+                    and commit.h_chksum_size == L.JBD2_CRC32_CHKSUM_SIZE) or (
+                    commit.h_chksum_type == 0 and commit.h_chksum_size == 0 and found == 0):  # fmt: skip
+                c.crc_sum = _MASK32
+            else:
+                bad = True
+        if bad or not self.commit_ok(block):
+            if commit.h_commit_sec < c.last_commit_time:
+                return False  # stale
+            c.end = c.next_id
+            if not self.async_commit:
+                c.failed = c.next_id
+                return True  # the kernel's scan goes on with the same sequence number
+        c.last_commit_time = commit.h_commit_sec
+        transaction.wrapped = c.wrapped
+        c.next_id = (c.next_id + 1) & _MASK32
+        return True
 
     # -- pass 2: revoke ------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_tool
-from uml import run_guest, ubd_arg
+from .uml import run_guest, ubd_arg
 
 SECTOR = 512
 PAGE = 4096

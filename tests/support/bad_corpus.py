@@ -1,4 +1,4 @@
-"""The hand-made corpus of bad input: ``python tests/bad_corpus.py`` rewrites tests/data/bad/.
+"""The hand-made corpus of bad input: ``python tests/support/bad_corpus.py`` rewrites tests/data/bad/.
 
 Each file breaks one rule. Header-level files are complete files on disk;
 files whose problem is their *backing* record a relative backing path that
@@ -19,7 +19,7 @@ import struct
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.parent  # tests/
 BAD = HERE / "data" / "bad"
 SIZE = 64 * 1024  # the virtual disk of the valid-looking files
 

@@ -436,7 +436,7 @@ def crash_guest(workdir: Path, cow: Path, backing: Path, body: str, *, mount_opt
 
     Returns the console. Fails when the guest did not get there or a :func:`checked` command failed.
     """
-    from uml import run_guest, ubd_arg
+    from .uml import run_guest, ubd_arg
 
     require_tool("linux.uml")
     mnt = workdir / "mnt"

@@ -267,7 +267,7 @@ def random_overlay(folder: Path, size: int, rng: random.Random, name: str = "ove
 def ext4_overlay(folder: Path, seed: int, files: int, static_files: int,
                  name: str = "overlay.cow") -> tuple[dict[str, bytes], set[str], Path, Path]:
     """A model tree, its ext4 image (``mkfs.ext4 -d``) as the backing file and an empty overlay on it."""
-    import fslab
+    from . import fslab
 
     tree, folders = fslab.make_tree(folder / "tree", seed=seed, files=files, static_files=static_files)
     backing = folder / "backing.img"
