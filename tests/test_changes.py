@@ -2,7 +2,7 @@
 
 The changes are made by the kernel itself on a read-write loop mount of a copy of the model (the same
 workload the UML guests run in tests/test_changes_uml.py), and the overlay is that copy's difference from
-the model (``ubdcow diff``, exact to the page). The expected report is computed by tests/changeslab.py from
+the model (``ubdcow diff``, exact to the page). The expected report is computed by tests/support/changeslab.py from
 two full walks of read-only loop mounts (lstat, readlink, xattrs, sha256 of every file), independently of
 ubdcow, and ``ubdcow changes --json`` must equal it entry for entry.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import changeslab as C
+from support import changeslab as C
 import pytest
 from conftest import require_root, run_cli
 

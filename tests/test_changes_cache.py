@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import changeslab as C
-import jbd2lab
+from support import changeslab as C
+from support import jbd2lab
 import pytest
 from conftest import require_root, require_tool, run_cli
 

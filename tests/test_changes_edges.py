@@ -1,7 +1,7 @@
 """``ubdcow changes``: what is not a change, raw writes, partitions, hostile overlays, the command line.
 
 Oracles: the kernel's view of read-only loop mounts of the model and of the overlay merged by ``uml_moo``
-(tests/changeslab.py computes the expected report), ``debugfs`` for where a file's blocks and inodes are,
+(tests/support/changeslab.py computes the expected report), ``debugfs`` for where a file's blocks and inodes are,
 ``dumpe2fs`` for free blocks.
 """
 
@@ -14,8 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import changeslab as C
-import jbd2lab
+from support import changeslab as C
+from support import jbd2lab
 import pytest
 from conftest import assert_one_line_error, require_root, require_tool, run_cli
 

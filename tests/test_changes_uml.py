@@ -2,9 +2,9 @@
 
 Each guest mounts /dev/ubdb (its overlay on the model) and makes the changes itself; the oracle is the
 kernel's read-only loop mount of the model and of the overlay merged by ``uml_moo``, walked in full by
-tests/changeslab.py (lstat, readlink, xattrs, sha256), and the report the issue's rules give.
+tests/support/changeslab.py (lstat, readlink, xattrs, sha256), and the report the issue's rules give.
 
-- every kind of change (tests/changeslab.py's workload) on ext2, ext3 and ext4; ``--all``, ``--renames``
+- every kind of change (tests/support/changeslab.py's workload) on ext2, ext3 and ext4; ``--all``, ``--renames``
   and ``compact`` on the same overlays;
 - a guest SIGKILLed after ``sync``, with more writes committed to the journal only: the report equals the
   kernel's view of a merged copy after ``e2fsck -fy``, and with ``--no-journal`` the ``ro,noload`` view;
@@ -22,12 +22,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import changeslab as C
-import jbd2lab
+from support import changeslab as C
+from support import jbd2lab
 import pytest
 from conftest import require, require_root, require_tool
-from fslab import boot
-from uml import ubd_arg
+from support.fslab import boot
+from support.uml import ubd_arg
 
 import ubdcow
 

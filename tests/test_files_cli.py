@@ -1,6 +1,6 @@
 """``ubdcow ls`` and ``ubdcow cat`` (issue 22) against the kernel's read-only loop mount of the same image.
 
-The image is tests/fstree.py's awkward tree (every file type, set-id modes, owners past 16 bits, names
+The image is tests/support/fstree.py's awkward tree (every file type, set-id modes, owners past 16 bits, names
 that are not UTF-8 or hold control characters, a folder of 3000 entries, holes, a file past 4 GiB). The
 oracles: ``lstat``/``readlink`` of every entry under the mount point (``ls -R -l --json``), GNU ``ls -lnA``
 itself (``ls -l``'s columns), the mounted files' bytes (``cat``). Then the edges: sorting, hidden names,
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, require_root, require_tool, run_cli
-from fstree import mounted
+from support.fstree import mounted
 
 import ubdcow
 

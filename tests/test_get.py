@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from conftest import assert_one_line_error, require_root, require_tool, run_cli
-from fstree import assert_same_view, kernel_view, mounted
+from support.fstree import assert_same_view, kernel_view, mounted
 from test_fs_api import data_map
 
 import ubdcow
@@ -462,7 +462,7 @@ def test_a_signal_at_any_instant_leaves_the_copy_whole_or_nothing(medium, tmp_pa
 @pytest.mark.uml
 @pytest.mark.slow
 def test_get_of_an_overlay_a_real_guest_changed(fs_images, tmp_path):
-    from fslab import boot
+    from support.fslab import boot
     from test_fs_overlay import GUEST_TOOLS, features, guest_script
 
     require_root("building the tree and the loop mount")
@@ -490,7 +490,7 @@ def test_get_of_an_overlay_a_real_guest_changed(fs_images, tmp_path):
 @pytest.mark.uml
 @pytest.mark.slow
 def test_get_of_a_killed_guests_overlay_with_and_without_the_journal(tmp_path):
-    import jbd2lab as J
+    from support import jbd2lab as J
     from test_fs_crash import WORKLOAD
 
     require_root("the loop mounts")

@@ -30,7 +30,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import fstree
+from . import fstree
 from conftest import require_root, require_tool, run_cli
 
 FAIL = "UBDCOW-FAIL"
