@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from .. import __version__, _signals
 from ..errors import UbdCowError
-from . import change, compact, compare, create, demo, du, inspect, merge, serve
+from . import change, compact, compare, create, demo, du, inspect, merge, mount, serve
 from .base import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -38,6 +38,8 @@ COMMANDS: tuple[Command, ...] = (
     change.DIFF,
     change.CONVERT,
     serve.SERVE,
+    mount.MOUNT,
+    mount.UMOUNT,
     du.DU,
     compact.COMPACT,
     demo.DEMO,
