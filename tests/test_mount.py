@@ -427,7 +427,9 @@ def test_in_the_foreground_an_unmount_ends_it_with_0_and_a_busy_umount_says_lazy
         holder = subprocess.Popen(["sleep", "60"], cwd=mnt / "etc")  # a process whose current folder is there
         try:
             busy = run_cli("umount", mnt, timeout=120)
-            line = assert_one_line_error(busy, "busy", f"ubdcow umount --lazy {shlex.quote(str(mnt))}")
+            line = assert_one_line_error(busy, "busy")
+            hint = f"hint: close it, or detach the mount now with: ubdcow umount --lazy {shlex.quote(str(mnt))}"
+            assert hint in busy.stderr.decode().splitlines(), busy.stderr
             assert fuse_at(mnt), line
             lazy = run_cli("umount", "--lazy", mnt, timeout=120)
             assert lazy.returncode == 0 and not fuse_at(mnt), lazy.stderr

@@ -52,14 +52,15 @@ def _send(fd: int, record: dict[str, Any]) -> bool:
 
 
 def _error(record: dict[str, Any]) -> UbdCowError:
-    """The child's error as the parent raises it: the same class when it is a plain UbdCowError subclass."""
+    """The child's error as the parent raises it: the same class when it is a plain UbdCowError subclass (the
+    line only: what the child can fail with before it is ready carries no hint)."""
     cls = getattr(errors, str(record.get("type")), None)
     if not (isinstance(cls, type) and issubclass(cls, UbdCowError)):
         cls = errors.MountError
     try:
-        return cls(record.get("filename"), str(record.get("message")), hint=record.get("hint"))  # type: ignore[no-any-return]
+        return cls(record.get("filename"), str(record.get("message")))  # type: ignore[no-any-return]
     except TypeError:
-        return errors.MountError(record.get("filename"), str(record.get("message")), hint=record.get("hint"))
+        return errors.MountError(record.get("filename"), str(record.get("message")))
 
 
 def _child(write_end: int, work: Callable[[Callable[[dict[str, Any]], None]], None], ident: str) -> int:
@@ -82,8 +83,7 @@ def _child(write_end: int, work: Callable[[Callable[[dict[str, Any]], None]], No
         work(ready)
         return 0
     except UbdCowError as exc:
-        fail({"type": type(exc).__name__, "filename": exc.filename, "message": exc.message, "hint": exc.hint},
-             str(exc))  # fmt: skip
+        fail({"type": type(exc).__name__, "filename": exc.filename, "message": exc.message}, str(exc))
         return 1
     except KeyboardInterrupt:
         return 130
@@ -91,7 +91,7 @@ def _child(write_end: int, work: Callable[[Callable[[dict[str, Any]], None]], No
         return 143
     except BaseException as exc:  # a bug: one line, to the parent or the log
         message = f"internal error: {type(exc).__name__}: {exc}"
-        fail({"type": "MountError", "filename": None, "message": message, "hint": None}, message)
+        fail({"type": "MountError", "filename": None, "message": message}, message)
         return EXIT_INTERNAL
 
 

@@ -167,9 +167,8 @@ def check_mountpoint(mountpoint: str) -> None:
     except OSError as exc:
         raise MountError(mountpoint, f"cannot list: {exc.strerror}") from None
     if count:
-        more = "+" if count == 1000 else ""
-        raise MountError(mountpoint, f"not empty ({count}{more} entries, which the mount would hide): choose an "
-                         "empty folder")  # fmt: skip
+        what = "1 entry" if count == 1 else f"{count}{'+' if count == 1000 else ''} entries"
+        raise MountError(mountpoint, f"not empty ({what}, which the mount would hide): choose an empty folder")
 
 
 # -- /proc/self/mountinfo --------------------------------------------------------------------------------
@@ -383,9 +382,9 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> None:
         text = proc.stderr.decode(errors="replace").strip().splitlines()
         reason = text[-1] if text else f"{os.path.basename(command[0])} exited with {proc.returncode}"
         if "busy" in reason.lower():
-            busy = "busy: a process has a file open or its current folder there"
-            detach = f"ubdcow umount --lazy {shlex.quote(mountpoint)}"
-            raise MountError(mountpoint, f"{busy}; close it, or detach the mount now with: {detach}")
+            raise MountError(mountpoint, "busy: a process has a file open or its current folder there",
+                             hint=f"close it, or detach the mount now with: ubdcow umount --lazy "
+                             f"{shlex.quote(mountpoint)}")  # fmt: skip
         raise MountError(mountpoint, f"cannot unmount: {reason}")
 
 
