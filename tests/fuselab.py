@@ -171,3 +171,25 @@ def small_image(folder: Path, files: dict[str, tuple[bytes, int]], *, size: str 
     mkfs = require_tool(f"mkfs.{fstype}", "e2fsprogs")
     _run([mkfs, "-q", "-F", *options, "-d", str(tree), str(image), size])
     return image
+
+
+def take_down_under(folder: str | os.PathLike[str]) -> list[str]:
+    """Unmount every mount below ``folder`` (FUSE ones with :func:`take_down`, the kernel's loop mounts with
+    ``umount``, then ``umount -l``), deepest first; the mountpoints that were there."""
+    root = os.path.realpath(folder) + "/"
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), left.split()[4])
+            if point.startswith(root):
+                found.append((point, right.split()[0]))
+    for point, fstype in reversed(found):
+        if fstype.startswith("fuse"):
+            take_down(point)
+        else:
+            for cmd in (["umount"], ["umount", "-l"]):
+                if mount_entry(point) is not None:
+                    subprocess.run([*cmd, point], capture_output=True, timeout=120)
+    return [point for point, _ in found]
+

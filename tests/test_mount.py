@@ -37,6 +37,7 @@ from fuselab import (
     require_fuse,
     small_image,
     take_down,
+    take_down_under,
     tool_view,
 )
 from fstree import LAYOUTS, _acl, mounted
@@ -45,6 +46,15 @@ import ubdcow
 from ubdcow.fuseops import Directories, Operations
 
 ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_mounted(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test mounted in its folder is taken away after it, also when it failed half-way; a test that
+    passed must have taken its own mounts away."""
+    yield
+    left = take_down_under(tmp_path)
+    assert not left, f"mounts left behind: {left}"
 
 
 def fingerprint(path: Path) -> str:
