@@ -643,6 +643,49 @@ def _read_all(dirs: Directories, path: bytes, per_call: int) -> list[tuple[bytes
         offset = batch[-1][2]
 
 
+def test_the_kernel_keeps_listings_so_a_second_pass_asks_for_none(tmp_path, monkeypatch):
+    """libfuse's high-level API would have every listing asked for again on each pass; with keep_listings the
+    kernel serves a second walk from its cache (the mount is served in this process to count the requests)."""
+    import threading
+
+    from ubdcow import mount
+
+    require_fuse()
+    files = {f"d{i}/sub/f{j}": (b"x" * j, 0o644) for i in range(6) for j in range(4)}
+    image = small_image(tmp_path, files)
+    asked: list[bytes] = []
+    entries = Directories.entries
+
+    def counted(self, path, offset):  # type: ignore[no-untyped-def]
+        asked.append(path)
+        return entries(self, path, offset)
+
+    monkeypatch.setattr(Directories, "entries", counted)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ready = threading.Event()
+    with ubdcow.open_fs(image) as fs:
+        server = threading.Thread(target=mount.serve, args=(fs, str(mnt)), daemon=True,
+                                  kwargs={"ready": ready.set, "log": lambda line: None})  # fmt: skip
+        server.start()
+        try:
+            assert ready.wait(60), "not mounted"
+
+            def walk() -> list[tuple[str, list[str], list[str]]]:
+                return sorted((top, sorted(dirs), sorted(names)) for top, dirs, names in os.walk(mnt))
+
+            first = walk()
+            once = len(asked)
+            assert once >= 1 + 6 * 2 + 1, asked  # every folder (and lost+found) was listed once
+            second = walk()
+            assert second == first and len(first) == 1 + 6 * 2 + 1
+            assert len(asked) == once, f"asked again for {asked[once:]}"
+        finally:
+            take_down(mnt)
+            server.join(30)
+        assert not server.is_alive()
+
+
 def test_directories_resume_at_the_kernels_offsets_and_keep_complete_listings():
     dirs, calls = _listing(1000)
     first = _read_all(dirs, b"/d", 7)
