@@ -9,7 +9,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.cfg
-	$(BIN)/python -m pip install -q -e '.[test,lint]'
+	$(BIN)/python -m pip install -q -e '.[test,lint,mount]'
 	@# the atheris runs of the fuzz harnesses need atheris (a prebuilt wheel): required in CI
 	@# (UBDCOW_REQUIRE_UML=1); elsewhere they skip and the harness targets still run through hypothesis
 	$(BIN)/python -m pip install -q atheris || { test "$$UBDCOW_REQUIRE_UML" != 1 && \

@@ -134,6 +134,8 @@ def json_invocations(tmp_path):
         "diff": ["diff", backing, merged, "-o", tmp_path / "d.cow"],
         "convert": ["convert", cow, "-o", tmp_path / "c.cow", "--layout", "v2"],
         "serve": ["serve", cow, "--run", "true"],  # needs nbdkit: see json_ready below
+        "mount": ["mount", tmp_path / "fs" / "ext4.img", tmp_path / "mnt"],  # needs FUSE: see json_ready
+        "umount": ["umount", tmp_path / "mnt"],
         "du": ["du", tmp_path],
         "compact": ["compact", cow],
         "changes": ["changes", fs_cow],
@@ -179,6 +181,16 @@ def json_ready(calls):
         require_nbd("nbdkit")
     except pytest.skip.Exception:
         calls = {k: v for k, v in calls.items() if k != "serve"}
+    from fuselab import require_fuse, small_image
+
+    try:  # mount and umount: FUSE (required in CI), an ext4 image and an empty folder
+        require_fuse()
+    except pytest.skip.Exception:
+        return {k: v for k, v in calls.items() if k not in ("mount", "umount")}
+    image, point = calls["mount"][1], calls["mount"][2]
+    if not image.exists():
+        small_image(image.parent, {"etc/hostname": (b"pc1\n", 0o644)})
+    point.mkdir(exist_ok=True)
     return calls
 
 
@@ -284,6 +296,22 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
         data = run("serve")
         assert data["disk"] == str(cow) and data["writable"] is False and data["uri"].startswith("nbd+unix")
 
+    if "mount" in json_ready(calls):
+        from fuselab import fuse_at, process_gone, take_down
+
+        image, point = calls["mount"][1], calls["mount"][2]
+        try:
+            data = run("mount")
+            pid = data["pid"]
+            assert data == {"disk": str(image), "mountpoint": str(point), "pid": pid, "exit_code": 0}
+            assert fuse_at(point) and (point / "etc" / "hostname").read_bytes() == b"pc1\n"
+            assert os.path.realpath(f"/proc/{pid}/fd/0") == "/dev/null"  # the detached process serving it
+            data = run("umount")
+            assert data == {"disk": os.path.abspath(image), "mountpoint": str(point), "exit_code": 0}
+            assert not fuse_at(point) and process_gone(pid, 10)
+        finally:
+            take_down(point)
+
     data = run("du")
     cows = sorted(p for p in tmp_path.iterdir() if p.is_file() and p.read_bytes()[:4] in (b"OOOM", b"MOOO"))
     files = {f["disk"]: (g, f) for g in data["groups"] for f in g["files"]}
@@ -332,12 +360,18 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
 
 def test_quiet_prints_nothing_and_keeps_the_exit_code(tmp_path):
     calls = json_ready(json_invocations(tmp_path))
-    for name, args in calls.items():
-        if name in ("create", "merge", "diff", "convert"):
-            args = [*args, "--overwrite"] if name != "create" else ["create", "--force", *args[1:]]
-        proc = run_cli(*args[:1], "--quiet", *args[1:])
-        assert proc.returncode == 0, (name, proc.stderr)
-        assert proc.stdout == b"", name
+    try:
+        for name, args in calls.items():  # (mount, then umount)
+            if name in ("create", "merge", "diff", "convert"):
+                args = [*args, "--overwrite"] if name != "create" else ["create", "--force", *args[1:]]
+            proc = run_cli(*args[:1], "--quiet", *args[1:])
+            assert proc.returncode == 0, (name, proc.stderr)
+            assert proc.stdout == b"", name
+    finally:
+        if "mount" in calls:
+            from fuselab import take_down
+
+            take_down(calls["mount"][2])
     bad = run_cli("check", "--quiet", tmp_path / "nope.cow")
     assert bad.returncode == 1 and bad.stdout == b"" and bad.stderr.startswith(b"ubdcow: ")
 

@@ -105,7 +105,7 @@ def test_readme_says_how_to_run_the_installed_command_line():
     assert ".venv/bin/ubdcow" in readme and ". .venv/bin/activate" in readme
     block = readme[readme.index("## The command line in twelve lines"):readme.index("## The library")]
     commands = [line.strip() for line in block.splitlines() if line.startswith("    ")]
-    assert len(commands) == 17 and all(line.startswith("ubdcow ") for line in commands), commands
+    assert len(commands) == 18 and all(line.startswith("ubdcow ") for line in commands), commands
     assert "python -m ubdcow" not in block
     parser = build_parser()
     for line in commands:  # each parses with the real parser (the shell's quoting and pipes aside)

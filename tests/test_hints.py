@@ -227,6 +227,37 @@ def locked_scenarios() -> list[list[str]]:
             ["convert", "overlay.cow", "-o", "busy.cow"]]
 
 
+def mount_scenarios(lab: Path) -> int:
+    """mount: the disk's own hints (a moved backing file), before anything is mounted; umount: a busy folder (a
+    process's current folder is there), whose hint detaches it."""
+    import subprocess
+
+    from fuselab import require_fuse, small_image, take_down
+
+    require_fuse()
+    checked = 0
+    for extra in ([], ["--json"]):  # (the hints leave --json out, as every command's do)
+        code, out, err = run(["mount", "lost.cow", "mnt", *extra])
+        assert code == 1 and hints_of(out, err), (extra, out, err)
+        checked += check_hints(["mount", "lost.cow", "mnt"], hints_of(out, err))
+    image = small_image(lab / "fs", {"etc/hostname": (b"pc1\n", 0o644)})
+    os.mkdir("busy")
+    try:
+        assert run_cli("mount", image, "busy", cwd=lab).returncode == 0
+        holder = subprocess.Popen(["sleep", "60"], cwd=lab / "busy" / "etc")
+        try:
+            for extra in ([], ["--json"]):
+                code, out, err = run(["umount", "busy", *extra])
+                assert code == 1 and any("--lazy" in h for h in hints_of(out, err)), (extra, out, err)
+                checked += check_hints(["umount", "busy"], hints_of(out, err))
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        take_down(lab / "busy")
+    return checked
+
+
 def check_hints(argv: list[str] | None, printed: list[str]) -> int:
     """Every command line in the hints parses, no option is named outside one, and a hint for the same command
     keeps the user's options; returns the number of command lines checked."""
@@ -274,9 +305,14 @@ def test_every_hint_names_a_command_line_that_parses(lab: Path, monkeypatch: pyt
                 printed = hints_of(out, err)
                 assert any("--no-lock" in h for h in printed), (argv, printed)
                 checked += check_hints(argv, printed)
+            os.mkdir("mnt")
+            code, out, err = run(["mount", "overlay.cow", "mnt"])  # mount takes the read lock: refused too
+            assert code == 1 and "locked by" in err and hints_of(out, err), err
+            checked += check_hints(["mount", "overlay.cow", "mnt"], hints_of(out, err))
         finally:
             holder.kill()
             holder.wait()
+        checked += mount_scenarios(lab)
         # serve before nbdkit starts: nbdkit missing, its Python plugin of another version
         empty = lab / "empty-path"
         empty.mkdir()

@@ -78,7 +78,31 @@ SCENARIOS: dict[str, Scenario] = {
                     stream="stderr"),
     "get": Scenario(["get", "{d}/fs.img", "/etc", "-o", "{d}/etc-copy"],
                     ["get", "{d}/missing.cow", "/", "-o", "{d}/x"]),
+    "mount": Scenario(["mount", "{d}/fs.img", "{d}/mnt"], ["mount", "{d}/missing.img", "{d}/mnt"],
+                      extra={"setup": lambda d: _fs_lab(d), "cleanup": lambda d: _fs_lab_down(d)}),
+    "umount": Scenario(["umount", "{d}/mnt-u"], ["umount", "{d}/missing"],
+                       extra={"setup": lambda d: _fs_lab(d, mounted="mnt-u"), "cleanup": lambda d: _fs_lab_down(d),
+                              "disks": ["{d}/fs.img"]}),
 }
+
+
+def _fs_lab(folder: Path, mounted: str | None = None) -> None:
+    """mount and umount: a filesystem image in the lab, an empty folder for it (and one mounted already)."""
+    from fuselab import require_fuse, small_image
+
+    require_fuse()
+    shutil.move(small_image(folder / "fs-tree", {"etc/hostname": (b"pc1\n", 0o644)}), folder / "fs.img")
+    (folder / "mnt").mkdir()
+    if mounted is not None:
+        (folder / mounted).mkdir()
+        assert run_cli("mount", folder / "fs.img", folder / mounted).returncode == 0
+
+
+def _fs_lab_down(folder: Path) -> None:
+    from fuselab import take_down
+
+    for name in ("mnt", "mnt-u"):
+        take_down(folder / name)
 
 
 def filesystem_overlay(folder: Path) -> None:
@@ -123,12 +147,15 @@ def lab(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_json_documents_follow_the_schema(name: str, lab: Path) -> None:
+def test_json_documents_follow_the_schema(name: str, lab: Path, request: pytest.FixtureRequest) -> None:
     scenario = SCENARIOS[name]
     for tool in scenario.needs:
         require_nbd(tool)
     if scenario.extra.get("prepare") == "filesystem":
         filesystem_overlay(lab)
+    if "setup" in scenario.extra:  # (mount and umount: a filesystem image, and mounts taken away afterwards)
+        request.addfinalizer(lambda: scenario.extra["cleanup"](lab))
+        scenario.extra["setup"](lab)
     top, per_disk = schema()[name]
     error_code = {c.name: c.error_code for c in COMMANDS}[name]
 
@@ -140,7 +167,7 @@ def test_json_documents_follow_the_schema(name: str, lab: Path) -> None:
                 assert set(element) == per_disk, (name, set(element) ^ per_disk)
                 assert element["disk"] == str(lab / "overlay.cow")
         elif "disk" in top:
-            assert doc["disk"] in {a.format(d=lab) for a in scenario.ok}
+            assert doc["disk"] in {a.format(d=lab) for a in [*scenario.ok, *scenario.extra.get("disks", [])]}
         for key in ("seconds",):  # durations are unrounded floats, sizes integers
             if key in doc:
                 assert isinstance(doc[key], float)

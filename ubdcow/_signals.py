@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType, TracebackType
 
-__all__ = ["Terminated", "deferred", "install", "restore", "ignore", "register", "release", "undo_all"]
+__all__ = ["Terminated", "deferred", "install", "restore", "ignore", "register", "release", "undo_all", "forked"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -143,6 +143,17 @@ def undo_all() -> None:
     if _main_thread():
         for key in sorted(_undos, reverse=True):
             _run(key)
+
+
+def forked() -> None:
+    """In a child just forked (from inside a deferred section): none of the parent's sections or undos are its
+    own; a signal that came since the fork is raised now."""
+    _undos.clear()
+    _state.depth = 0
+    if _state.pending is not None and not _state.raised:
+        signum, _state.pending = _state.pending, None
+        _raise(signum)
+    _state.pending = None
 
 
 def _run(key: int) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "OutputError",
     "ImageIOError",
     "ServeError",
+    "MountError",
     "FilesystemError",
     "CorruptFilesystemError",
     "UnsupportedFilesystemError",
@@ -169,6 +170,11 @@ class ImageIOError(UbdCowError):
 
 class ServeError(UbdCowError):
     """The NBD server cannot start: nbdkit or its Python plugin missing or unusable, a socket or port taken."""
+
+
+class MountError(UbdCowError):
+    """A folder cannot be mounted or unmounted: FUSE missing or not permitted, a mountpoint refused, libfuse's own
+    refusal (``filename`` is the mountpoint, ``/dev/fuse``, or None)."""
 
 
 class FilesystemError(UbdCowError):

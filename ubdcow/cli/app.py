@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from .. import __version__, _signals
 from ..errors import UbdCowError
-from . import cat, change, changes, compact, compare, create, demo, du, get, inspect, ls, merge, serve
+from . import cat, change, changes, compact, compare, create, demo, du, get, inspect, ls, merge, mount, serve
 from .base import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -39,6 +39,8 @@ COMMANDS: tuple[Command, ...] = (
     change.DIFF,
     change.CONVERT,
     serve.SERVE,
+    mount.MOUNT,
+    mount.UMOUNT,
     du.DU,
     compact.COMPACT,
     ls.LS,
