@@ -181,7 +181,7 @@ def json_ready(calls):
         require_nbd("nbdkit")
     except pytest.skip.Exception:
         calls = {k: v for k, v in calls.items() if k != "serve"}
-    from fuselab import require_fuse, small_image
+    from support.fuselab import require_fuse, small_image
 
     try:  # mount and umount: FUSE (required in CI), an ext4 image and an empty folder
         require_fuse()
@@ -297,7 +297,7 @@ def test_every_command_accepts_json_and_prints_the_right_values(tmp_path):
         assert data["disk"] == str(cow) and data["writable"] is False and data["uri"].startswith("nbd+unix")
 
     if "mount" in json_ready(calls):
-        from fuselab import fuse_at, process_gone, take_down
+        from support.fuselab import fuse_at, process_gone, take_down
 
         image, point = calls["mount"][1], calls["mount"][2]
         try:
@@ -369,7 +369,7 @@ def test_quiet_prints_nothing_and_keeps_the_exit_code(tmp_path):
             assert proc.stdout == b"", name
     finally:
         if "mount" in calls:
-            from fuselab import take_down
+            from support.fuselab import take_down
 
             take_down(calls["mount"][2])
     bad = run_cli("check", "--quiet", tmp_path / "nope.cow")

@@ -232,7 +232,7 @@ def mount_scenarios(lab: Path) -> int:
     process's current folder is there), whose hint detaches it."""
     import subprocess
 
-    from fuselab import require_fuse, small_image, take_down
+    from support.fuselab import require_fuse, small_image, take_down
 
     require_fuse()
     checked = 0

@@ -88,7 +88,7 @@ SCENARIOS: dict[str, Scenario] = {
 
 def _fs_lab(folder: Path, mounted: str | None = None) -> None:
     """mount and umount: a filesystem image in the lab, an empty folder for it (and one mounted already)."""
-    from fuselab import require_fuse, small_image
+    from support.fuselab import require_fuse, small_image
 
     require_fuse()
     shutil.move(small_image(folder / "fs-tree", {"etc/hostname": (b"pc1\n", 0o644)}), folder / "fs.img")
@@ -99,7 +99,7 @@ def _fs_lab(folder: Path, mounted: str | None = None) -> None:
 
 
 def _fs_lab_down(folder: Path) -> None:
-    from fuselab import take_down
+    from support.fuselab import take_down
 
     for name in ("mnt", "mnt-u"):
         take_down(folder / name)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, require_root, require_tool, run_cli
-from fuselab import (
+from support.fuselab import (
     assert_same_tool_view,
     fuse_at,
     fuse_mounted,
@@ -40,7 +40,7 @@ from fuselab import (
     take_down_under,
     tool_view,
 )
-from fstree import LAYOUTS, _acl, mounted
+from support.fstree import LAYOUTS, _acl, mounted
 
 import ubdcow
 from ubdcow.fuseops import Directories, Operations
@@ -98,7 +98,7 @@ def test_the_mounted_tree_is_the_kernels(fs_images, tmp_path, layout):
 @pytest.mark.slow
 def test_an_overlay_a_guest_changed_mounts_as_the_kernel_mounts_the_merged_disk(fs_images, tmp_path):
     require_fuse()
-    from fslab import boot
+    from support.fslab import boot
     from test_fs_overlay import GUEST_TOOLS, guest_script
 
     for tool in GUEST_TOOLS:
@@ -127,7 +127,7 @@ def test_an_overlay_a_guest_changed_mounts_as_the_kernel_mounts_the_merged_disk(
 @pytest.mark.slow
 def test_a_crashed_guests_overlay_mounts_replayed_and_as_it_is(tmp_path):
     require_fuse()
-    import jbd2lab as J
+    from support import jbd2lab as J
     from test_fs_crash import WORKLOAD
 
     for tool in ("setfattr", "tr", "head", "truncate"):
@@ -334,8 +334,8 @@ def test_a_killed_mount_leaves_a_stale_mountpoint_that_mount_explains(tmp_path):
 def test_a_running_guest_keeps_mount_out_and_a_mount_keeps_a_guest_out(tmp_path):
     require_fuse()
     from test_engine_uml import _kill_group, _wait_for
-    from uml import kernel as uml_kernel
-    from uml import run_guest, ubd_arg
+    from support.uml import kernel as uml_kernel
+    from support.uml import run_guest, ubd_arg
 
     image, cow = _overlay(tmp_path)
     mnt = tmp_path / "mnt"
