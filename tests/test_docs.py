@@ -103,9 +103,9 @@ def test_readme_says_how_to_run_the_installed_command_line():
     """Issue 21, item 11: the README's command lines name the installed ubdcow, and say where it is."""
     readme = (ROOT / "README.md").read_text()
     assert ".venv/bin/ubdcow" in readme and ". .venv/bin/activate" in readme
-    block = readme[readme.index("## The command line in twelve lines"):readme.index("## The library")]
+    block = readme[readme.index("## The command line at a glance"):readme.index("## The library")]
     commands = [line.strip() for line in block.splitlines() if line.startswith("    ")]
-    assert len(commands) == 18 and all(line.startswith("ubdcow ") for line in commands), commands
+    assert len(commands) == 19 and all(line.startswith("ubdcow ") for line in commands), commands
     assert "python -m ubdcow" not in block
     parser = build_parser()
     for line in commands:  # each parses with the real parser (the shell's quoting and pipes aside)
