@@ -45,7 +45,8 @@ from typing import Any
 from . import _signals
 from .errors import MountError
 from .fs import FileSystem
-from .fuseops import Operations, fuse_class, packer
+from .fuseglue import fuse_class, packer
+from .fuseops import Operations
 
 __all__ = [
     "BINDING",
