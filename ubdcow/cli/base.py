@@ -154,8 +154,12 @@ def _encode(o: Any, nl: str, out: list[str]) -> None:
             return
         inner, sep = nl + "  ", "{"
         for key, value in o.items():
-            out.append(sep + inner + _ESCAPE(key) + ": ")
-            _encode(value, inner, out)
+            scalar = _SCALARS.get(type(value))  # (most values: written here, not by a call each)
+            if scalar is not None:
+                out.append(sep + inner + _ESCAPE(key) + ": " + scalar(value))
+            else:
+                out.append(sep + inner + _ESCAPE(key) + ": ")
+                _encode(value, inner, out)
             sep = ","
         out.append(nl + "}")
     elif type(o) is list or type(o) is tuple:
@@ -164,8 +168,12 @@ def _encode(o: Any, nl: str, out: list[str]) -> None:
             return
         inner, sep = nl + "  ", "["
         for value in o:
-            out.append(sep + inner)
-            _encode(value, inner, out)
+            scalar = _SCALARS.get(type(value))
+            if scalar is not None:
+                out.append(sep + inner + scalar(value))
+            else:
+                out.append(sep + inner)
+                _encode(value, inner, out)
             sep = ","
         out.append(nl + "]")
     else:
