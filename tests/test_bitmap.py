@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ubdcow import bitmap as bm
-from ubdcow.bitmap import Bitmap, iter_runs, popcount
+from ubdcow.bitmap import Bitmap, bit_edges, iter_runs, popcount
 
 
 def model_runs(bits: list[int], lo: int, hi: int) -> list[tuple[int, int, bool]]:
@@ -35,6 +35,22 @@ def test_iter_runs_and_popcount_match_the_model(data, draw):
     hi = draw.draw(st.integers(lo, len(bits)))
     assert list(iter_runs(data, 0, lo, hi)) == model_runs(bits, lo, hi)
     assert popcount(data, 0, lo, hi) == sum(bits[lo:hi])
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from([0, 0xFF, 0x0F, 0x80, 0x01, 0x5A]) | st.integers(0, 255), min_size=1, max_size=80),
+       st.data())  # fmt: skip
+def test_bit_edges_are_where_the_models_runs_start(raw, draw):
+    data = bytes(raw)
+    bits = bits_of(data)
+    lo = draw.draw(st.integers(0, len(bits) - 1))
+    top = draw.draw(st.integers(lo, len(bits)))
+    hi = draw.draw(st.integers(max(top, lo + 1), len(bits) + 20))
+    clear_from_top = bits[:top] + [0] * (hi - top)
+    runs = model_runs(clear_from_top, lo, hi)
+    edges, first = bit_edges(data, 0, lo, top, hi)
+    assert edges.tolist() == [start - lo for start, _, _ in runs[1:]]
+    assert first == runs[0][2]
 
 
 @settings(max_examples=60, deadline=None)

@@ -18,9 +18,12 @@ from typing import Any
 
 import pytest
 from conftest import require_tool, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.nbdlab import require_nbd
 
 from ubdcow.cli.app import COMMANDS
+from ubdcow.cli.base import indented_json
 
 DOC = Path(__file__).parent.parent / "docs" / "cli.md"
 ERROR_KEYS = {"error", "hint", "exit_code"}
@@ -231,3 +234,21 @@ def test_compact_seconds_are_not_rounded(lab: Path) -> None:
     doc, _ = _json(["compact", "{d}/c.cow"], lab, 0)
     seconds = doc["disks"][0]["seconds"]
     assert isinstance(seconds, float) and seconds > 0 and seconds != round(seconds, 3)
+
+
+_LEAVES = st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.sampled_from([2**80, -0.0, "é\u2028\"\\"])
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    | st.dictionaries(st.integers(), inner, min_size=1, max_size=2),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400)
+@given(_VALUES)
+def test_every_document_is_written_as_json_dumps_indent_2_writes_it(value: Any) -> None:
+    """Output.dump's encoder (the fast one, or json.dumps for what it leaves to it) writes what json.dumps does."""
+    assert indented_json(value) == json.dumps(value, indent=2)

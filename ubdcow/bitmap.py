@@ -14,7 +14,7 @@ import numpy as np
 from ._io import pread_into, pwrite_all
 from .format import PAGE_SECTORS, PAGE_SIZE
 
-__all__ = ["Bitmap", "iter_runs", "unpack_bits", "popcount", "window_stats", "PAGE_SECTORS", "PAGE_SIZE"]
+__all__ = ["Bitmap", "iter_runs", "unpack_bits", "bit_edges", "popcount", "window_stats", "PAGE_SECTORS", "PAGE_SIZE"]
 
 #: Bytes of bitmap looked at per step of a scan (8 Mi sectors, 4 GiB of disk).
 WINDOW = 1 << 20
@@ -156,12 +156,34 @@ def iter_runs(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, hi: 
 def unpack_bits(buf: bytes | bytearray | memoryview, first_bit: int, lo: int, top: int, hi: int) -> np.ndarray:
     """Bits [lo, hi) of ``buf`` (whose bit 0 is bit ``first_bit``) as a bool array, the bits from ``top`` on
     clear (``buf`` must cover [lo, top))."""
+    if lo >= top:
+        return np.zeros(hi - lo, dtype=bool)
+    a = lo // 8 - first_bit // 8
+    arr = np.frombuffer(buf, dtype=np.uint8, count=(top + 7) // 8 - lo // 8, offset=a)
+    bits = np.unpackbits(arr, bitorder="little")[lo % 8 : lo % 8 + top - lo].view(bool)
+    if top == hi:  # (the usual case: no copy into a zeroed array, a tenth of the time for a whole window)
+        return bits
     out = np.zeros(hi - lo, dtype=bool)
-    if lo < top:
-        a = lo // 8 - first_bit // 8
-        arr = np.frombuffer(buf, dtype=np.uint8, count=(top + 7) // 8 - lo // 8, offset=a)
-        out[: top - lo] = np.unpackbits(arr, bitorder="little")[lo % 8 : lo % 8 + top - lo].view(bool)
+    out[: top - lo] = bits
     return out
+
+
+def bit_edges(
+    buf: bytes | bytearray | memoryview, first_bit: int, lo: int, top: int, hi: int
+) -> tuple[np.ndarray, bool]:
+    """Where bits [lo, hi) of ``buf`` change, as indexes from ``lo`` (each the first bit of a new run,
+    ascending), and bit ``lo``'s value; the bits from ``top`` on clear (``buf`` must cover [lo, top)). What
+    comparing neighbours of :func:`unpack_bits` gives, looking only at the bytes that are mixed or differ
+    from the byte before (no bool per bit: a whole window costs a tenth)."""
+    if lo >= top:
+        return np.zeros(0, dtype=np.int64), False
+    arr = np.append(_masked(buf, first_bit, lo, top), np.uint8(0))  # (the zero byte: an edge where bits end)
+    head = (lo - first_bit) % 8
+    k = np.union1d(np.flatnonzero(arr[1:] != arr[:-1]) + 1, np.flatnonzero((arr != 0) & (arr != 0xFF)))
+    pairs = np.unpackbits(np.stack((arr[k - 1], arr[k]), axis=1), axis=1, bitorder="little")
+    rows, cols = np.nonzero(pairs[:, 8:] != pairs[:, 7:15])  # (byte k's bit j against the bit before it)
+    at = 8 * k[rows] + cols - head
+    return at[(at >= 1) & (at < hi - lo)], bool(arr[0] >> head & 1)
 
 
 class Bitmap:
@@ -265,6 +287,14 @@ class Bitmap:
             return np.zeros(hi - lo, dtype=bool)
         buf, base = self.page_bytes(lo // 8, (top + 7) // 8)
         return unpack_bits(buf, base * 8, lo, top, hi)
+
+    def edges(self, lo: int, hi: int) -> tuple[np.ndarray, bool]:
+        """Where the bits of sectors [lo, hi) change (see :func:`bit_edges`), and bit ``lo``'s value."""
+        top = min(hi, self.nbits)
+        if lo >= top:
+            return np.zeros(0, dtype=np.int64), False
+        buf, base = self.page_bytes(lo // 8, (top + 7) // 8)
+        return bit_edges(buf, base * 8, lo, top, hi)
 
     def count(self, lo: int = 0, hi: int | None = None) -> int:
         """Number of set (honoured) bits in [lo, hi)."""

@@ -14,6 +14,7 @@ A :class:`ChangesSession` opens each model once: a lab's overlays share its read
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -321,6 +322,9 @@ def _identity(inode: Inode) -> tuple[int, int, int | None]:
     return inode.ino, inode.generation, inode.crtime_ns
 
 
+_FS_CODEC = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())  # os.fsdecode's, without its calls
+
+
 def _records(diffs: list[Diff], old: FileSystem, new: FileSystem, plan: Plan, renames: bool, details: bool,
              all_fields: bool) -> tuple[Change, ...]:  # fmt: skip
     """The public records, sorted by path; with ``renames``, a deleted and an added entry of the same file paired."""
@@ -349,7 +353,7 @@ def _records(diffs: list[Diff], old: FileSystem, new: FileSystem, plan: Plan, re
         either = n if n is not None else o
         assert either is not None
         kind = either.type
-        out.append(Change(os.fsdecode(d.path), change, kind, fields, source,
+        out.append(Change(d.path.decode(*_FS_CODEC), change, kind, fields, source,
                           _facts(old, o) if details and o is not None else None,
                           _facts(new, n) if details and n is not None else None))  # fmt: skip
     return tuple(out)

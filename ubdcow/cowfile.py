@@ -160,12 +160,11 @@ class CowFile:
         if offset >= end:
             return _NO_RUNS, _NO_RUNS, np.empty(0, dtype=np.int8), np.empty(0, dtype=bool)
         lo, hi = offset >> SECTOR_SHIFT, (end + SECTOR_SIZE - 1) >> SECTOR_SHIFT
-        bits = self.bitmap.bits(lo, hi)
-        edges = np.flatnonzero(bits[1:] != bits[:-1]) + 1
+        edges, set_first = self.bitmap.edges(lo, hi)
         first = np.concatenate(([0], edges))
         starts = np.maximum((first + lo) << SECTOR_SHIFT, offset)
         ends = np.minimum((np.concatenate((edges, [hi - lo])) + lo) << SECTOR_SHIFT, end)
-        is_set = bits[first]
+        is_set = (np.arange(first.size) % 2).astype(bool) ^ set_first  # (runs alternate)
         if not holes:
             return starts, ends, is_set.astype(np.int8), is_set
         cow = split_data(self.fd, starts[is_set], ends[is_set], self.header.data_offset)
