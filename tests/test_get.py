@@ -385,7 +385,7 @@ def test_a_hostile_image_writes_nothing_outside_dest(small, tmp_path, case):
 
 def test_names_no_folder_may_hold_are_refused_by_get_too():
     """The reader refuses or leaves them out already; get's own check is the second guard."""
-    from ubdcow.extract import _checked, _Problem
+    from ubdcow._entrywriter import Problem, checked
 
     st = ubdcow.FileStat(b"/a/x", "file", 0o644, 0, 0, 0, 1, 0, 0, 0, None, 12, None, None, 0, 0, 0)
 
@@ -393,11 +393,11 @@ def test_names_no_folder_may_hold_are_refused_by_get_too():
         name = "disk.img"
 
     for bad in (b"", b".", b"..", b"a/b", b"a\0b"):
-        with pytest.raises(_Problem) as info:
-            _checked(bad, st, FS())  # type: ignore[arg-type]
+        with pytest.raises(Problem) as info:
+            checked(bad, st, FS())  # type: ignore[arg-type]
         assert isinstance(info.value.error, CorruptFilesystemError)
         assert str(info.value.error) == "disk.img: /a/x: a name no folder may hold"
-    assert _checked(b"x" * 255, st, FS()) == b"x" * 255  # type: ignore[arg-type]
+    assert checked(b"x" * 255, st, FS()) == b"x" * 255  # type: ignore[arg-type]
 
 
 # -- signals -------------------------------------------------------------------------------------------

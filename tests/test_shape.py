@@ -29,12 +29,14 @@ LAYERS = [
 #: the filesystem reader's layers, bottom up (docs/design.md); below them it may import only these
 FS_LAYERS = [
     {"layout", "journal_layout", "crc", "records"},
-    {"superblock", "journal", "partitions"},
+    {"superblock", "journal_blocks", "partitions"},
+    {"journal"},
     {"volume"},
     {"inodes"},
     {"blockmap"},
     {"xattrs"},
     {"dirs", "files"},
+    {"walk"},
     {"filesystem"},
     {"openfs", "index"},
     {"delta"},

@@ -20,48 +20,32 @@ All or nothing: the copy is built under a temporary name (``.NAME.PID.XXXX.ubdco
 final place, private to its owner (0700) while it is built, and renamed into place when complete; an
 error or a signal removes it (``ubdcow._signals``). ``keep_going`` instead reports each entry that
 cannot be read or made, leaves it out, and still renames the rest into place.
+
+This module plans the copies (where each goes, what it may replace), walks the trees and moves the
+copies into place; :mod:`ubdcow._entrywriter` makes each entry and sets its metadata.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import stat as S
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._atomic import TMP_SUFFIX, current_umask
-from ._hosttree import (
-    DIR_FLAGS,
-    exists,
-    more_files,
-    pwrite_all,
-    remove_stale,
-    remove_tree,
-    rename_noreplace,
-    replace,
-    unlink,
-)
+from ._entrywriter import BAD_NAMES, SKIP_REASONS, Counts, EntryWriter, Problem, checked
+from ._hosttree import exists, remove_stale, remove_tree, rename_noreplace, replace
 from ._result import Result
 from ._signals import deferred, register, release
-from .errors import CorruptFilesystemError, FilesystemError, Fix, ImageIOError, OutputError, UbdCowError
+from .errors import FilesystemError, Fix, ImageIOError, OutputError, UbdCowError
 from .fs import FileStat, FileSystem, open_fs
 from .fs.records import PathLike, join, show, to_bytes
 
 __all__ = ["ExtractResult", "extract", "SKIP_REASONS"]
 
-#: bytes read and written at once
-CHUNK = 1 << 20
-#: what ``skipped`` counts (see the module docstring)
-SKIP_REASONS = ("owners", "devices", "fifos", "sockets", "xattrs", "setid_bits", "hard_links")
-_BAD_NAMES = (b"", b".", b"..")
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: errors of the host about one name (too long, not representable): that entry's problem, not the run's
-_NAME_ERRNOS = (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL)
 T = TypeVar("T")
 
 
@@ -83,14 +67,6 @@ class ExtractResult(Result):
     seconds: float
 
 
-class _Problem(Exception):
-    """One entry cannot be copied (``error`` says why); the run goes on with ``keep_going``."""
-
-    def __init__(self, error: UbdCowError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 @dataclass
 class _Dir:
     """A folder being filled: its stat, its descriptor, its path from the copy's top, its mode mask."""
@@ -107,7 +83,6 @@ class _Place:
     under ``temp`` first; ``replace``: an existing entry there may be replaced; ``folder``: a new folder
     that receives several copies (``fd``: it, open)."""
 
-    index: int
     parent_fd: int
     name: bytes
     temp: bytes
@@ -116,18 +91,6 @@ class _Place:
     folder: bool = False
     fd: int = -1
     committed: bool = False
-
-
-@dataclass
-class _Counts:
-    files: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-    hard_links: int = 0
-    special: int = 0
-    bytes: int = 0
-    errors: int = 0
-    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
 
 
 def extract(
@@ -171,15 +134,10 @@ class _Extraction:
         self.fs = fs
         self.overwrite = overwrite
         self.keep_going = keep_going
-        self.progress = progress
         self.onerror = onerror
-        self.root = os.geteuid() == 0
-        self.ids = (os.geteuid(), os.getegid())
-        self.counts = _Counts()
-        self.buf = bytearray(CHUNK)
+        self.counts = Counts()
+        self.writer = EntryWriter(fs, self.counts, progress)
         self.places: list[_Place] = []
-        #: inode -> (place index, path from the copy's top) of the first copy of an entry with several links
-        self.links: dict[int, tuple[int, bytes]] = {}
         self.enter = True  # whether the walk may enter the folder it yielded last (it could be made)
 
     # -- the plan ----------------------------------------------------------------------------------
@@ -253,7 +211,7 @@ class _Extraction:
     def _base(self, raw: bytes, dest: str) -> bytes:
         parts = [p for p in raw.split(b"/") if p]
         name = parts[-1] if parts else b""
-        if name in _BAD_NAMES:
+        if name in BAD_NAMES:
             what = "the filesystem's root" if not parts else show(raw)
             raise OutputError(dest, f"{what} has no name to be copied under in a folder; name the copy: give one "
                               "path and a destination that does not exist")  # fmt: skip
@@ -263,7 +221,7 @@ class _Extraction:
         """The place of a new entry ``target``: checks what is there, opens its folder, picks a temporary name."""
         path = target.rstrip(b"/") or b"/"
         parent, name = os.path.split(path)
-        if name in _BAD_NAMES:
+        if name in BAD_NAMES:
             raise OutputError(os.fsdecode(target), "cannot be made: name a new file or folder")
         if exists:
             self._check_replace(path, stat)
@@ -274,7 +232,7 @@ class _Extraction:
                                errno=exc.errno) from None  # fmt: skip
         remove_stale(fd, name)
         temp = b".%s.%d.%s%s" % (name[:100], os.getpid(), secrets.token_hex(4).encode(), TMP_SUFFIX.encode())
-        place = _Place(len(self.places), fd, name, temp, path, replace=exists)
+        place = _Place(fd, name, temp, path, replace=exists)
         self.places.append(place)
         return place
 
@@ -308,14 +266,14 @@ class _Extraction:
             self._tree(place, place.parent_fd, name, raw, top, b"", self._top_mask())
             return
         if place.fd < 0:
-            place.fd = self._new_dir(place.parent_fd, place.temp, place.display)
+            place.fd = self.writer.new_dir(place.parent_fd, place.temp, place.display)
         self._tree(place, place.fd, name, raw, top, name, 0o7777)
 
     def _tree(self, place: _Place, parent: int, name: bytes, raw: bytes, top: FileStat, rel: bytes, mask: int) -> None:
         if top.type != "dir":
-            self._guarded(self._leaf, place, parent, name, top, rel, mask)
+            self._guarded(self.writer.leaf, self._top(place), parent, name, top, rel, self._display(place, rel), mask)
             return
-        fd = self._new_dir(parent, name, self._display(place, rel), top)
+        fd = self.writer.new_dir(parent, name, self._display(place, rel), top)
         stack = [_Dir(top, fd, rel, mask)]
         try:
             walk = self.fs.walk(raw, sort=True, onerror=self._report, descend=lambda _: self.enter)
@@ -335,7 +293,8 @@ class _Extraction:
                         stack.append(_Dir(entry, made, sub, 0o7777))
                         self.enter = True
                 else:
-                    self._guarded(self._leaf, place, here.fd, _checked(name, entry, self.fs), entry, sub)
+                    self._guarded(self.writer.leaf, self._top(place), here.fd, checked(name, entry, self.fs), entry,
+                                  sub, self._display(place, sub))  # fmt: skip
             while stack:
                 self._finish(stack.pop())
         finally:
@@ -343,13 +302,13 @@ class _Extraction:
                 os.close(d.fd)
 
     def _subdir(self, parent: int, name: bytes, entry: FileStat, display: bytes) -> int:
-        return self._new_dir(parent, _checked(name, entry, self.fs), display, entry)
+        return self.writer.new_dir(parent, checked(name, entry, self.fs), display, entry)
 
     def _guarded(self, step: Callable[..., T], *args: Any) -> T | None:
         """``step(*args)``; a problem with one entry is raised, or with ``keep_going`` reported and counted."""
         try:
             return step(*args)
-        except _Problem as problem:
+        except Problem as problem:
             self._report(problem.error)
         except FilesystemError as exc:
             self._report(exc)
@@ -365,6 +324,12 @@ class _Extraction:
     def _display(self, place: _Place, rel: bytes) -> bytes:
         return place.display + b"/" + rel if rel else place.display
 
+    @staticmethod
+    def _top(place: _Place) -> tuple[int, bytes]:
+        """Where the copy is built (its folder's descriptor, its temporary name): hard links find their
+        first copy from there."""
+        return place.parent_fd, place.temp
+
     def _top_mask(self) -> int:
         """The top of a copy is no more open than the disk: group and other bits only if they may read it."""
         modes = [st.st_mode for st in self.fs.files.values()]
@@ -372,228 +337,12 @@ class _Extraction:
         other = all(m & 0o004 for m in modes)
         return 0o7700 | (0o070 if group else 0) | (0o007 if other else 0)
 
-    def _host(self, exc: OSError, display: bytes, what: str, entry: FileStat | None = None) -> UbdCowError:
-        """A host error about one entry: a name the image holds twice and names the host refuses are that
-        entry's problem (:class:`_Problem`); anything else (no space, I/O) ends the run."""
-        if exc.errno == errno.EEXIST and entry is not None:
-            raise _Problem(CorruptFilesystemError(self.fs.name, f"{show(entry.path)}: its folder holds this "
-                                                                "name twice"))  # fmt: skip
-        if exc.errno in _NAME_ERRNOS:
-            raise _Problem(OutputError(show(display), f"cannot {what}: {exc.strerror}"))
-        return ImageIOError(show(display), f"cannot {what}: {exc.strerror}", errno=exc.errno)
-
-    def _new_dir(self, parent: int, name: bytes, display: bytes, entry: FileStat | None = None) -> int:
-        try:
-            os.mkdir(name, 0o700, dir_fd=parent)
-            try:
-                fd = os.open(name, DIR_FLAGS, dir_fd=parent)
-            except OSError as exc:  # a folder open per level: a deep tree may need more than the soft limit
-                if exc.errno != errno.EMFILE or not more_files():
-                    raise
-                fd = os.open(name, DIR_FLAGS, dir_fd=parent)
-            os.fchmod(fd, 0o700)  # whatever the umask: it is filled first
-        except OSError as exc:
-            raise self._host(exc, display, "make this folder", entry) from None
-        self.counts.dirs += 1
-        return fd
-
-    def _leaf(self, place: _Place, parent: int, name: bytes, entry: FileStat, rel: bytes, mask: int = 0o7777) -> None:
-        """A file, a symbolic link, a device node, a FIFO or a socket."""
-        display = self._display(place, rel)
-        kind = entry.type
-        first = self.links.get(entry.inode) if entry.nlink > 1 else None
-        if first is not None and self._link(first, parent, name, entry):
-            return
-        made = True
-        try:
-            if kind == "file":
-                self._file(parent, name, display, entry, mask)
-            elif kind == "symlink":
-                self._symlink(parent, name, entry)
-            elif kind == "socket":
-                self.counts.skipped["sockets"] += 1
-                made = False
-            else:
-                made = self._node(parent, name, entry, mask)
-        except OSError as exc:
-            if isinstance(exc, UbdCowError):  # (the reader's path errors are OSErrors too)
-                raise
-            raise self._host(exc, display, "make this entry", entry) from None
-        if made and entry.nlink > 1 and first is None:
-            self.links[entry.inode] = (place.index, rel)
-
-    def _file(self, parent: int, name: bytes, display: bytes, entry: FileStat, mask: int) -> None:
-        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
-        done = False
-        try:
-            with self.fs.open(entry) as f:
-                self._content(f, fd, entry.size, display)
-            self._meta(entry, mask, fd=fd)
-            done = True
-        finally:
-            os.close(fd)
-            if not done:
-                with deferred():
-                    unlink(parent, name)  # a file cut short is not left in a kept-going copy
-        self.counts.files += 1
-
-    def _content(self, f: object, fd: int, size: int, display: bytes) -> None:
-        """The data stretches of ``f`` (an FsFile) written at their offsets; the holes left as holes."""
-        from .fs import FsFile
-
-        assert isinstance(f, FsFile)
-        view = memoryview(self.buf)
-        pos = 0
-        try:
-            while pos < size:
-                try:
-                    start = f.seek(pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno != errno.ENXIO:
-                        raise
-                    break
-                end = f.seek(start, os.SEEK_HOLE)
-                f.seek(start)
-                at = start
-                while at < end:
-                    n = f.readinto(view[: min(CHUNK, end - at)])
-                    if not n:
-                        break
-                    pwrite_all(fd, view[:n], at)
-                    at += n
-                    self.counts.bytes += n
-                    if self.progress is not None:
-                        self.progress(n)
-                pos = end
-            os.ftruncate(fd, size)
-        except OSError as exc:
-            raise ImageIOError(show(display), f"cannot write: {exc.strerror}", errno=exc.errno) from None
-
-    def _symlink(self, parent: int, name: bytes, entry: FileStat) -> None:
-        target = entry.target
-        if not target:
-            raise _Problem(CorruptFilesystemError(self.fs.name, f"{show(entry.path)}: an empty symbolic link "
-                                                                "(the host cannot make one)"))  # fmt: skip
-        os.symlink(target, name, dir_fd=parent)
-        self._meta(entry, 0o7777, parent=parent, name=name)
-        self.counts.symlinks += 1
-
-    def _node(self, parent: int, name: bytes, entry: FileStat, mask: int) -> bool:
-        kind = entry.type
-        reason = "fifos" if kind == "fifo" else "devices"
-        if not self.root:
-            self.counts.skipped[reason] += 1
-            return False
-        node = {"fifo": S.S_IFIFO, "char": S.S_IFCHR, "block": S.S_IFBLK}[kind]
-        device = os.makedev(*entry.rdev) if entry.rdev is not None else 0
-        try:
-            os.mknod(name, 0o600 | node, device, dir_fd=parent)
-        except PermissionError:  # root without CAP_MKNOD (a container)
-            self.counts.skipped[reason] += 1
-            return False
-        self._meta(entry, mask, parent=parent, name=name)
-        self.counts.special += 1
-        return True
-
-    def _link(self, first: tuple[int, bytes], parent: int, name: bytes, entry: FileStat) -> bool:
-        """A hard link to the first copy of ``entry``; False when the host refuses (then it is copied again)."""
-        index, rel = first
-        place = self.places[index]
-        opened: list[int] = []
-        try:
-            where, source = place.parent_fd, place.temp
-            parts = rel.split(b"/") if rel else []
-            if parts:
-                where = self._open_path(where, source, opened)
-                for part in parts[:-1]:
-                    where = self._open_path(where, part, opened)
-                source = parts[-1]
-            os.link(source, name, src_dir_fd=where, dst_dir_fd=parent, follow_symlinks=False)
-        except FileExistsError:
-            raise _Problem(CorruptFilesystemError(self.fs.name, f"{show(entry.path)}: its folder holds this "
-                                                                "name twice")) from None  # fmt: skip
-        except OSError:
-            self.counts.skipped["hard_links"] += 1
-            return False
-        finally:
-            for fd in opened:
-                os.close(fd)
-        self.counts.hard_links += 1
-        return True
-
-    @staticmethod
-    def _open_path(parent: int, name: bytes, opened: list[int]) -> int:
-        fd = os.open(name, _PATH_FLAGS, dir_fd=parent)
-        opened.append(fd)
-        return fd
-
     def _finish(self, d: _Dir) -> None:
         """A folder's content is complete: its own owner, attributes, mode and times, then close it."""
         try:
-            self._guarded(self._meta, d.stat, d.mask, d.fd)
+            self._guarded(self.writer.meta, d.stat, d.mask, d.fd)
         finally:
             os.close(d.fd)
-
-    # -- metadata -----------------------------------------------------------------------------------
-
-    def _meta(self, entry: FileStat, mask: int, fd: int | None = None, parent: int = -1, name: bytes = b"") -> None:
-        """Owner, extended attributes, mode, times, in that order (a chown clears set-id bits and file
-        capabilities; attributes and the mode change the ctime only; the times come last)."""
-        link = entry.type == "symlink"
-        try:
-            kept = self._owner(entry, fd, parent, name)
-            self._xattrs(entry, fd, parent, name)
-            if not link:
-                mode = entry.mode & mask
-                if not kept and mode & 0o6000:
-                    mode &= ~0o6000
-                    self.counts.skipped["setid_bits"] += 1
-                if fd is not None:
-                    os.fchmod(fd, mode)
-                else:
-                    os.chmod(name, mode, dir_fd=parent)  # a node just made in a folder only we can enter
-            times = (entry.atime_ns, entry.mtime_ns)
-            if fd is not None:
-                os.utime(fd, ns=times)
-            else:
-                os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
-        except OSError as exc:
-            where = show(entry.path)
-            raise ImageIOError(self.fs.name, f"{where}: cannot set its metadata on the copy: {exc.strerror}",
-                               errno=exc.errno) from None  # fmt: skip
-
-    def _owner(self, entry: FileStat, fd: int | None, parent: int, name: bytes) -> bool:
-        """Whether the copy has the entry's owner (as root: set it; otherwise: only if it is already ours)."""
-        if not self.root:
-            if (entry.uid, entry.gid) == self.ids:
-                return True
-            self.counts.skipped["owners"] += 1
-            return False
-        try:
-            if fd is not None:
-                os.fchown(fd, entry.uid, entry.gid)
-            else:
-                os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
-        except OSError as exc:  # an id this user namespace cannot map
-            if exc.errno not in (errno.EPERM, errno.EINVAL):
-                raise
-            self.counts.skipped["owners"] += 1
-            return False
-        return True
-
-    def _xattrs(self, entry: FileStat, fd: int | None, parent: int, name: bytes) -> None:
-        attributes = self.fs.xattrs(entry)
-        if not attributes:
-            return
-        target: int | bytes = fd if fd is not None else b"/proc/self/fd/%d/%s" % (parent, name)
-        for key, value in attributes.items():
-            if not self.root and key.split(".", 1)[0] in ("trusted", "security"):
-                self.counts.skipped["xattrs"] += 1
-                continue
-            try:
-                os.setxattr(target, key, value, follow_symlinks=isinstance(target, int))
-            except OSError:  # not supported here, refused (user.* on a symlink), too large
-                self.counts.skipped["xattrs"] += 1
 
     # -- the end ------------------------------------------------------------------------------------
 
@@ -634,10 +383,3 @@ class _Extraction:
                 if fd >= 0:
                     os.close(fd)
             place.fd = place.parent_fd = -1
-
-
-def _checked(name: bytes, entry: FileStat, fs: FileSystem) -> bytes:
-    """``name``, unless no directory may hold it (the reader refuses those too: a second guard)."""
-    if name in _BAD_NAMES or b"/" in name or b"\0" in name:
-        raise _Problem(CorruptFilesystemError(fs.name, f"{show(entry.path)}: a name no folder may hold"))
-    return name

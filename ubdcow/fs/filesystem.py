@@ -39,19 +39,16 @@ from . import layout as L
 from .dirs import iter_entries
 from .files import Content, FsFile, symlink_target
 from .inodes import Inode, InodeTable
-from .records import FileStat, PathLike, join, like, show, to_bytes
+from .records import FileStat, PathLike, like, show, to_bytes
 from .volume import LRU, Corrupt, Unsupported, Volume
+from .walk import MAX_DEPTH, Listing, Walk, children
 from .xattrs import acl_to_xattr, entries, full_name
 
 __all__ = ["FileSystem", "MAX_SYMLINKS", "MAX_DEPTH"]
 
 MAX_SYMLINKS = 40
-#: the deepest a walk goes (a path the kernel can name has at most 2048 components)
-MAX_DEPTH = 2048
 #: directory entries kept in the lookup cache (name -> inode tables of recently searched directories)
 NAME_CACHE_ENTRIES = 1 << 16
-#: entries whose inodes a walk reads in one batch
-WALK_BATCH = 256
 _ACLS = (2, 3)
 
 
@@ -293,90 +290,15 @@ class FileSystem:
         yield first
         if not inode.is_dir:
             return
-        seen = {inode.ino}
+        walk = Walk(lambda directory, where: self._children(directory, where, as_str), self._inodes.get, self._error,
+                    onerror=onerror, sort=sort, descend=descend)  # fmt: skip
+        yield from walk.below(inode, raw)
 
-        def report(where: bytes, exc: Corrupt) -> None:
-            error = self._error(where, exc)
-            if onerror is None:
-                raise error from None
-            onerror(error)
-
-        def listing(directory: Inode, where: bytes) -> Iterator[tuple[FileStat, bytes]]:
-            found = self._children(directory, where, as_str)
-            if not sort:
-                return found
-            entries: list[tuple[FileStat, bytes]] = []
-            try:
-                entries.extend(found)
-            except Corrupt as exc:
-                report(where, exc)
-            entries.sort(key=lambda entry: entry[1])
-            return iter(entries)
-
-        try:
-            stack: list[tuple[bytes, Iterator[tuple[FileStat, bytes]]]] = [(raw, listing(inode, raw))]
-        except Corrupt as exc:
-            raise self._error(raw, exc) from None
-
-        while stack:
-            where, children = stack[-1]
-            try:
-                stat, path = next(children)
-            except StopIteration:
-                stack.pop()
-                continue
-            except Corrupt as exc:
-                stack.pop()
-                report(where, exc)
-                continue
-            yield stat
-            enter = stat.type == "dir" and (descend is None or descend(stat))
-            if enter and stat.inode in seen:
-                report(path, Corrupt("a directory reached twice (a directory hard link or a loop)"))
-                enter = False
-            elif enter and len(stack) >= MAX_DEPTH:
-                report(path, Corrupt(f"directories nested deeper than {MAX_DEPTH} levels"))
-                enter = False
-            if enter:
-                seen.add(stat.inode)
-                try:
-                    child = self._inodes.get(stat.inode)
-                    stack.append((path, listing(child, path)))
-                except Corrupt as exc:
-                    report(path, exc)
-                    continue
-
-    def _children(self, inode: Inode, where: bytes, as_str: bool) -> Iterator[tuple[FileStat, bytes]]:
-        """(stat, path) of each entry of a directory; inodes read in batches of about WALK_BATCH."""
+    def _children(self, inode: Inode, where: bytes, as_str: bool) -> Listing:
+        """(stat, path) of each entry of a directory (:func:`ubdcow.fs.walk.children`)."""
         self._plain(inode)
-        pending: list[tuple[bytes, int, int]] = []
-        for chunk in iter_entries(self._volume, inode):
-            pending += chunk
-            if len(pending) >= WALK_BATCH:
-                yield from self._batch(pending, where, as_str)
-                pending = []
-        yield from self._batch(pending, where, as_str)
-
-    def _batch(
-        self, batch: list[tuple[bytes, int, int]], where: bytes, as_str: bool
-    ) -> Iterator[tuple[FileStat, bytes]]:
-        try:
-            inodes = self._inodes.get_many([ino for _, ino, _ in batch])
-        except Corrupt:  # name the entry: find it one by one
-            for name, ino, _ in batch:
-                try:
-                    self._inodes.get(ino)
-                except Corrupt as exc:
-                    exc.path = join(where, name)
-                    raise
-            raise
-        for (name, _, _), inode in zip(batch, inodes, strict=True):
-            path = join(where, name)
-            try:
-                yield self._stat(like(path, as_str), inode, as_str), path
-            except Corrupt as exc:
-                exc.path = path
-                raise
+        yield from children(self._volume, self._inodes, inode, where,
+                            lambda path, entry: self._stat(like(path, as_str), entry, as_str))  # fmt: skip
 
     def _entry(self, path: PathLike | FileStat, follow: bool) -> tuple[bytes, bool, Inode]:
         """(path, as_str, inode): ``path`` looked up, or a :class:`FileStat`'s own inode (no lookup)."""

@@ -23,6 +23,7 @@ The passes follow the kernel's ``fs/jbd2/recovery.c`` (which e2fsck shares):
    checksum must match, and an escaped block gets its magic number back when read.
 
 A corrupt journal raises :class:`~ubdcow.errors.JournalError`, whose hint names ``--no-journal``.
+The journal's superblock, its block reads and their checksums are :mod:`ubdcow.fs.journal_blocks`'s.
 All work is bounded by the journal's size: the log cannot be longer than the journal.
 """
 
@@ -30,38 +31,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
-from typing import NoReturn
 
 import construct as cs
 import numpy as np
 
-from ..errors import Fix, JournalError
 from . import journal_layout as L
-from .crc import crc32_be, crc32c
+from .crc import crc32_be
+from .journal_blocks import MASK32, NO_JOURNAL_FIX, NO_JOURNAL_HINT, JournalBlocks, journal_error, read_exact
 
 __all__ = ["NO_JOURNAL_FIX", "NO_JOURNAL_HINT", "JournalReplay", "journal_error", "replay"]
-
-#: the fix every journal error offers (the command line's --no-journal, the API's journal=False)
-NO_JOURNAL_FIX = Fix("to read the disk as it is (without the changes still in the journal)", (("no_journal", None),))
-#: the library's text of that hint
-NO_JOURNAL_HINT = NO_JOURNAL_FIX.text()
-
-
-def journal_error(name: str, message: str) -> JournalError:
-    """A journal that cannot be replayed: every such error offers :data:`NO_JOURNAL_FIX`."""
-    return JournalError(name, message, fixes=(NO_JOURNAL_FIX,))
-
-
-_MASK32 = 0xFFFFFFFF
 
 
 def _tid_gt(x: int, y: int) -> bool:
     """``x`` comes after ``y`` in transaction order (the kernel's tid_gt: modulo 2**32)."""
-    return 0 < ((x - y) & _MASK32) < 0x80000000
+    return 0 < ((x - y) & MASK32) < 0x80000000
 
 
 def _tid_geq(x: int, y: int) -> bool:
-    return ((x - y) & _MASK32) < 0x80000000
+    return ((x - y) & MASK32) < 0x80000000
 
 
 @dataclass(repr=False, eq=False)
@@ -99,20 +86,13 @@ class JournalReplay:
         if where is None:
             return None
         jblock, escape = divmod(where, 2)
-        data = _read(self._read_block, jblock, self._block_size, self._name)
+        data = read_exact(self._read_block, jblock, self._block_size, self._name)
         if escape:
             data = L.JBD2_MAGIC.to_bytes(4, "big") + data[4:]
         return data
 
     def __repr__(self) -> str:
         return f"<JournalReplay {self.transactions} transactions, {len(self.blocks)} blocks>"
-
-
-def _read(read_block: Callable[[int], bytes], n: int, block_size: int, name: str) -> bytes:
-    data = read_block(n)
-    if len(data) != block_size:
-        raise journal_error(name, f"journal block {n}: read {len(data)} bytes, not {block_size}")
-    return bytes(data)
 
 
 @dataclass
@@ -150,135 +130,11 @@ class _Cursor:
     failed: int | None = None
     need_check_commit_time: bool = False  # a descriptor or revoke block of this transaction was bad
     last_commit_time: int = 0
-    crc_sum: int = _MASK32  # v1 transaction checksum (crc32_be)
+    crc_sum: int = MASK32  # v1 transaction checksum (crc32_be)
 
 
-class _Journal:
-    """The journal's superblock, its features, and the three recovery passes."""
-
-    def __init__(self, read_block: Callable[[int], bytes], nblocks: int, block_size: int, name: str) -> None:
-        self.read_block = read_block
-        self.block_size = block_size
-        self.name = name
-        if block_size < 1024 or block_size > 65536 or block_size & (block_size - 1):
-            self.fail(f"block size {block_size} is not a power of two from 1024 to 65536")
-        if nblocks < 2:
-            self.fail(f"the journal has {nblocks} blocks")
-        raw = self.read(0, limit=nblocks)
-        sb = L.JOURNAL_SUPERBLOCK.parse(raw[: L.JOURNAL_SUPERBLOCK_SIZE])
-        if sb.h_magic != L.JBD2_MAGIC:
-            self.fail("the journal superblock has no jbd2 magic number")
-        if sb.h_blocktype == L.JBD2_SUPERBLOCK_V1:
-            self.version = 1
-        elif sb.h_blocktype == L.JBD2_SUPERBLOCK_V2:
-            self.version = 2
-        elif sb.h_blocktype in (L.JBD2_DESCRIPTOR_BLOCK, L.JBD2_COMMIT_BLOCK, L.JBD2_REVOKE_BLOCK):
-            self.fail(f"the journal superblock is a log block (type {sb.h_blocktype})")
-        else:
-            self.fail(f"unknown journal superblock type {sb.h_blocktype}")
-        self.features(sb, raw[: L.JOURNAL_SUPERBLOCK_SIZE])
-        if sb.s_blocksize != block_size:
-            self.fail(f"the journal's block size {sb.s_blocksize} is not the filesystem's {block_size}")
-        if sb.s_maxlen > nblocks:
-            self.fail(f"the journal superblock says {sb.s_maxlen} blocks, the journal has {nblocks}")
-        self.maxlen = sb.s_maxlen
-        self.first = sb.s_first
-        if self.first == 0 or self.first >= self.maxlen:
-            self.fail(f"the log's first block {self.first} is outside the journal ({self.maxlen} blocks)")
-        self.start = sb.s_start
-        self.sequence = sb.s_sequence
-        if self.start and self.incompat & L.JBD2_FEATURE_INCOMPAT_FAST_COMMIT:
-            self.fail("the journal has fast commits (fast_commit), which ubdcow does not replay")
-        if self.csum3:
-            self.tag_dtype, self.tag_bytes = L.JOURNAL_BLOCK_TAG3, L.JOURNAL_BLOCK_TAG3.itemsize
-        else:
-            self.tag_dtype = L.JOURNAL_BLOCK_TAG64 if self.is64 else L.JOURNAL_BLOCK_TAG32
-            self.tag_bytes = self.tag_dtype.itemsize + (2 if self.csum2 else 0)
-        self.tail = L.JOURNAL_BLOCK_TAIL_SIZE if self.csum else 0
-
-    def features(self, sb: cs.Container, raw: bytes) -> None:
-        """The superblock's features: which checksums (and the superblock's own), 64-bit block numbers."""
-        # a v1 superblock has no features (the kernel ignores those fields)
-        self.compat = sb.s_feature_compat if self.version == 2 else 0
-        self.incompat = sb.s_feature_incompat if self.version == 2 else 0
-        rocompat = sb.s_feature_ro_compat if self.version == 2 else 0
-        if self.version == 2 and sb.s_nr_users > 1:
-            self.fail(f"the journal is shared by {sb.s_nr_users} filesystems (an external journal)")
-        if self.incompat & ~L.JBD2_KNOWN_INCOMPAT:
-            self.fail(f"unknown incompatible journal features 0x{self.incompat & ~L.JBD2_KNOWN_INCOMPAT:x}")
-        if rocompat & ~L.JBD2_KNOWN_ROCOMPAT:
-            self.fail(f"unknown read-only journal features 0x{rocompat:x}")
-        self.csum2 = bool(self.incompat & L.JBD2_FEATURE_INCOMPAT_CSUM_V2)
-        self.csum3 = bool(self.incompat & L.JBD2_FEATURE_INCOMPAT_CSUM_V3)
-        self.csum = self.csum2 or self.csum3
-        self.checksum_v1 = bool(self.compat & L.JBD2_FEATURE_COMPAT_CHECKSUM)
-        self.is64 = bool(self.incompat & L.JBD2_FEATURE_INCOMPAT_64BIT)
-        self.async_commit = bool(self.incompat & L.JBD2_FEATURE_INCOMPAT_ASYNC_COMMIT)
-        if self.csum2 and self.csum3:
-            self.fail("the journal claims checksums v2 and v3 at once")
-        if self.csum and self.checksum_v1:
-            self.fail("the journal claims checksums v1 and v2/v3 at once")
-        if self.csum:
-            if sb.s_checksum_type != L.JBD2_CRC32C_CHKSUM:
-                self.fail(f"unknown journal checksum type {sb.s_checksum_type}")
-            image = bytearray(raw)
-            image[L.JOURNAL_SUPERBLOCK_CHECKSUM_OFFSET : L.JOURNAL_SUPERBLOCK_CHECKSUM_OFFSET + 4] = bytes(4)
-            if crc32c(image, _MASK32) != sb.s_checksum:
-                self.fail("the journal superblock's checksum is wrong")
-            self.seed = crc32c(sb.s_uuid, _MASK32)
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def fail(self, problem: str) -> NoReturn:
-        raise journal_error(self.name, f"journal: {problem}")
-
-    def read(self, n: int, limit: int | None = None) -> bytes:
-        if n >= (self.maxlen if limit is None else limit):
-            self.fail(f"the log runs to block {n}, past the journal's end ({self.maxlen} blocks)")
-        return _read(self.read_block, n, self.block_size, self.name)
-
-    def wrap(self, n: int) -> int:
-        return n - (self.maxlen - self.first) if n >= self.maxlen else n
-
-    def tail_ok(self, block: bytes) -> bool:
-        """A descriptor or revoke block's tail checksum matches (always, without csum v2/v3)."""
-        if not self.csum:
-            return True
-        end = self.block_size - L.JOURNAL_BLOCK_TAIL_SIZE
-        provided = L.JOURNAL_BLOCK_TAIL.parse(block[end:]).t_checksum
-        return bool(crc32c(block[:end] + bytes(4), self.seed) == provided)
-
-    def commit_ok(self, block: bytes) -> bool:
-        if not self.csum:
-            return True
-        at = L.JOURNAL_COMMIT_CHECKSUM_OFFSET
-        provided = int.from_bytes(block[at : at + 4], "big")
-        return bool(crc32c(block[:at] + bytes(4) + block[at + 4 :], self.seed) == provided)
-
-    def tag_ok(self, checksum: int, data: bytes, sequence: int) -> bool:
-        if not self.csum:
-            return True
-        value = crc32c(data, crc32c(sequence.to_bytes(4, "big"), self.seed))
-        return checksum == (value if self.csum3 else value & 0xFFFF)
-
-    def tags(self, block: bytes) -> list[tuple[int, int, int]]:
-        """The tags of a descriptor block: (filesystem block, flags, checksum), as count_tags walks them."""
-        out = []
-        size = self.block_size - self.tail
-        offset = L.JOURNAL_HEADER.itemsize
-        while offset + self.tag_bytes <= size:
-            tag = np.frombuffer(block, self.tag_dtype, count=1, offset=offset)[0]
-            flags = int(tag["t_flags"]) & 0xFFFF
-            number = int(tag["t_blocknr"])
-            if self.is64:
-                number |= int(tag["t_blocknr_high"]) << 32
-            out.append((number, flags, int(tag["t_checksum"])))
-            offset += self.tag_bytes
-            if not flags & L.JBD2_FLAG_SAME_UUID:
-                offset += L.JOURNAL_TAG_UUID_SIZE
-            if flags & L.JBD2_FLAG_LAST_TAG:
-                break
-        return out
+class _Journal(JournalBlocks):
+    """The three recovery passes over the journal's blocks."""
 
     # -- pass 1: scan --------------------------------------------------------------------------
 
@@ -347,7 +203,7 @@ class _Journal:
             if (c.crc_sum == found and commit.h_chksum_type == L.JBD2_CRC32_CHKSUM
                     and commit.h_chksum_size == L.JBD2_CRC32_CHKSUM_SIZE) or (
                     commit.h_chksum_type == 0 and commit.h_chksum_size == 0 and found == 0):  # fmt: skip
-                c.crc_sum = _MASK32
+                c.crc_sum = MASK32
             else:
                 bad = True
         if bad or not self.commit_ok(block):
@@ -359,7 +215,7 @@ class _Journal:
                 return True  # the kernel's scan goes on with the same sequence number
         c.last_commit_time = commit.h_commit_sec
         transaction.wrapped = c.wrapped
-        c.next_id = (c.next_id + 1) & _MASK32
+        c.next_id = (c.next_id + 1) & MASK32
         return True
 
     # -- pass 2: revoke ------------------------------------------------------------------------
