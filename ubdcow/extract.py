@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._atomic import TMP_SUFFIX, current_umask
-from ._entrywriter import BAD_NAMES, SKIP_REASONS, Counts, EntryWriter, Problem, checked
+from ._entrywriter import BAD_NAMES, SKIP_REASONS, Counts, EntryWriter, Problem, Top, checked
 from ._hosttree import exists, remove_stale, remove_tree, rename_noreplace, replace
 from ._result import Result
 from ._signals import deferred, register, release
@@ -293,8 +293,7 @@ class _Extraction:
                         stack.append(_Dir(entry, made, sub, 0o7777))
                         self.enter = True
                 else:
-                    self._guarded(self.writer.leaf, self._top(place), here.fd, checked(name, entry, self.fs), entry,
-                                  sub, self._display(place, sub))  # fmt: skip
+                    self._guarded(self._leaf, self._top(place), here.fd, name, entry, sub, self._display(place, sub))
             while stack:
                 self._finish(stack.pop())
         finally:
@@ -303,6 +302,10 @@ class _Extraction:
 
     def _subdir(self, parent: int, name: bytes, entry: FileStat, display: bytes) -> int:
         return self.writer.new_dir(parent, checked(name, entry, self.fs), display, entry)
+
+    def _leaf(self, top: Top, parent: int, name: bytes, entry: FileStat, sub: bytes, display: bytes) -> None:
+        # the name is checked inside the guard, as a folder's is: with --keep-going a bad one is reported
+        self.writer.leaf(top, parent, checked(name, entry, self.fs), entry, sub, display)
 
     def _guarded(self, step: Callable[..., T], *args: Any) -> T | None:
         """``step(*args)``; a problem with one entry is raised, or with ``keep_going`` reported and counted."""
