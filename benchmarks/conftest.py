@@ -183,6 +183,16 @@ def check_ratios(config: pytest.Config, rows: list[Ratio]) -> None:
         pytest.fail("targets missed:\n  " + "\n  ".join(lines), pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_package() -> None:
+    """The package's bytecode written once, as pip writes it on install: the benchmarks that start
+    ``ubdcow`` in a child process then measure it, not the compiler (even where PYTHONDONTWRITEBYTECODE
+    is set, a child reads bytecode that exists)."""
+    import compileall
+
+    compileall.compile_dir(str(Path(ubdcow.__file__).parent), quiet=1)
+
+
 @pytest.fixture(scope="session")
 def results() -> Results:
     return RESULTS
