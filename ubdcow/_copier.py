@@ -150,43 +150,6 @@ class Copier:
             self._kicked = self.written
 
 
-def _short_read(name: str, offset: int) -> ImageIOError:
-    return ImageIOError(
-        name, f"file ended at offset {offset} during the merge: it changed while being read", errno=errno.EIO
-    )
-
-
-def _nonzero_runs(buf: bytearray, n: int, phase: int) -> list[tuple[int, int]]:
-    """Byte ranges of ``buf[:n]`` to write: everything but all-zero blocks.
-
-    Blocks are :data:`BLOCK` bytes aligned to the output; ``phase`` is the
-    output offset of ``buf[0]`` modulo BLOCK. Partial blocks at either end
-    are written unless entirely zero; a piece of two blocks or less is
-    written whole unless entirely zero.
-    """
-    if n <= 2 * BLOCK:
-        return [] if buf.count(0, 0, n) == n else [(0, n)]
-    head = min((BLOCK - phase) % BLOCK, n)
-    k = (n - head) // BLOCK
-    tail = head + k * BLOCK
-    keep = np.empty(k + 2, dtype=bool)  # [head piece, k blocks, tail piece]
-    keep[0] = head > 0 and buf.count(0, 0, head) != head
-    keep[-1] = tail < n and buf.count(0, tail, n) != n - tail
-    words = np.frombuffer(buf, dtype=np.uint64, count=k * (BLOCK // 8), offset=head).reshape(k, BLOCK // 8)
-    nonzero = words[:, 0] != 0  # most data blocks show themselves in their first word
-    maybe_zero = np.flatnonzero(~nonzero)
-    if maybe_zero.size:
-        nonzero[maybe_zero] = words[maybe_zero].any(axis=1)
-    keep[1:-1] = nonzero
-    if keep.all():
-        return [(0, n)]
-    bounds = np.concatenate(([0], head + BLOCK * np.arange(k + 1), [n]))  # piece i is [bounds[i], bounds[i+1])
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.view(np.int8), [0]))))
-    return [
-        (int(bounds[a]), int(bounds[b])) for a, b in zip(edges[::2], edges[1::2], strict=True) if bounds[b] > bounds[a]
-    ]
-
-
 def short_read(name: str, offset: int) -> ImageIOError:
     """A source file that ended early: it changed while being read."""
     return ImageIOError(
