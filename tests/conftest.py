@@ -83,6 +83,22 @@ class Case:
         return self.expected.read_bytes()
 
 
+def run_atheris(harness: Path, corpus: Path, runs: int, *options: str, artifacts: Path, timeout: int = 600) -> None:
+    """Run the atheris harness ``harness`` for ``runs`` inputs from ``corpus`` (fails under UBDCOW_REQUIRE_UML=1
+    where atheris is missing, else skips); the run must end cleanly, having done every input."""
+    try:
+        import atheris
+    except ImportError:
+        atheris = None
+    require(atheris, "atheris is not installed here (pip install atheris; it needs a prebuilt wheel or clang)")
+    proc = subprocess.run(
+        [sys.executable, str(harness), f"-runs={runs}", *options, f"-artifact_prefix={artifacts}/", str(corpus)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"Done {runs} runs" in proc.stderr
+
+
 def unpack_case(name: str, dest: Path) -> Case:
     """Unpack case ``name`` into ``dest`` and give the backing file the recorded mtime."""
     meta = CASES[name]

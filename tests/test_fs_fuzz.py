@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import require
+from conftest import run_atheris
 from support.fstree import make_fuzz_seeds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -78,20 +76,9 @@ def test_mutated_filesystems_raise_only_library_errors(seeds):
 
 
 def test_atheris_harness(seeds, tmp_path):
-    try:
-        import atheris
-    except ImportError:
-        atheris = None
-    require(atheris, "atheris is not installed here (pip install atheris; it needs a prebuilt wheel or clang)")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for seed in seeds:
         shutil.copy(seed, corpus)
-    runs = 1500
-    proc = subprocess.run(
-        [sys.executable, str(FUZZ / "fuzz_fs.py"), f"-runs={runs}", "-seed=2222", "-max_len=300000",
-         "-rss_limit_mb=2048", "-timeout=60", f"-artifact_prefix={tmp_path}/", str(corpus)],
-        capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"Done {runs} runs" in proc.stderr
+    run_atheris(FUZZ / "fuzz_fs.py", corpus, 1500, "-seed=2222", "-max_len=300000", "-rss_limit_mb=2048",
+                "-timeout=60", artifacts=tmp_path, timeout=1200)  # fmt: skip

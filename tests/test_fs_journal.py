@@ -24,14 +24,12 @@ from __future__ import annotations
 import importlib.util
 import random
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from support import jbd2lab as J
 import pytest
-from conftest import require, require_tool
+from conftest import require_tool, run_atheris
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -536,23 +534,11 @@ def test_mutated_journals_raise_only_journal_errors():
 
 
 def test_atheris_journal_harness(tmp_path):
-    try:
-        import atheris
-    except ImportError:
-        atheris = None
-    require(atheris, "atheris is not installed here (pip install atheris; it needs a prebuilt wheel or clang)")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i, seed in enumerate(SEEDS):
         (corpus / f"seed-{i}").write_bytes(seed)
-    runs = 20_000
-    proc = subprocess.run(
-        [sys.executable, str(FUZZ / "fuzz_journal.py"), f"-runs={runs}", "-seed=12345", "-max_len=100000",
-         f"-artifact_prefix={tmp_path}/", str(corpus)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"Done {runs} runs" in proc.stderr
+    run_atheris(FUZZ / "fuzz_journal.py", corpus, 20_000, "-seed=12345", "-max_len=100000", artifacts=tmp_path)
 
 
 # -- real journals: a guest SIGKILLed with the filesystem mounted -----------------------------------

@@ -14,13 +14,12 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
 
 import pytest
-from conftest import require, require_root, require_tool
+from conftest import require_root, require_tool, run_atheris
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -443,20 +442,8 @@ def test_mutated_tables_raise_only_filesystem_errors(tmp_path):
 
 
 def test_atheris_partitions_harness(tmp_path):
-    try:
-        import atheris
-    except ImportError:
-        atheris = None
-    require(atheris, "atheris is not installed here (pip install atheris; it needs a prebuilt wheel or clang)")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i, seed in enumerate(seed_disks(tmp_path)):
         (corpus / f"seed-{i}").write_bytes(seed)
-    runs = 20_000
-    proc = subprocess.run(
-        [sys.executable, str(FUZZ / "fuzz_partitions.py"), f"-runs={runs}", "-seed=12345", "-max_len=100000",
-         f"-artifact_prefix={tmp_path}/", str(corpus)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"Done {runs} runs" in proc.stderr
+    run_atheris(FUZZ / "fuzz_partitions.py", corpus, 20_000, "-seed=12345", "-max_len=100000", artifacts=tmp_path)

@@ -15,13 +15,11 @@ import gzip
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import DATA, MANIFEST, require
+from conftest import DATA, MANIFEST, run_atheris
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -156,19 +154,8 @@ def test_harness_targets_through_hypothesis(harness, examples):
 
 @pytest.mark.parametrize("harness,runs", [("fuzz_header.py", 50_000), ("fuzz_open_read.py", 3_000)])
 def test_atheris_harness(tmp_path, harness, runs):
-    try:
-        import atheris
-    except ImportError:
-        atheris = None
-    require(atheris, "atheris is not installed here (pip install atheris; it needs a prebuilt wheel or clang)")
     corpus = tmp_path / "corpus"
     seeds(corpus)
     work = tmp_path / "work"
     shutil.copytree(corpus, work)
-    proc = subprocess.run(
-        [sys.executable, str(FUZZ / harness), f"-runs={runs}", "-seed=12345", "-max_len=20000",
-         f"-artifact_prefix={tmp_path}/", str(work)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"Done {runs} runs" in proc.stderr
+    run_atheris(FUZZ / harness, work, runs, "-seed=12345", "-max_len=20000", artifacts=tmp_path)
